@@ -1,0 +1,69 @@
+//! Typed router errors and their one mapping to HTTP.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::validation::ValidationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error("Model is overloaded: {0}")]
+    Overloaded(String),
+    #[error("Executor unavailable: {0}")]
+    Unavailable(String),
+    #[error("Request failed during generation: {0}")]
+    Generation(String),
+    #[error("Tokenizer error: {0}")]
+    Tokenizer(String),
+}
+
+impl RouterError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RouterError::Validation(_) | RouterError::Tokenizer(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            RouterError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::Generation(_) => StatusCode::FAILED_DEPENDENCY,
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            RouterError::Validation(_) => "validation",
+            RouterError::Tokenizer(_) => "tokenizer",
+            RouterError::Overloaded(_) => "overloaded",
+            RouterError::Unavailable(_) => "unavailable",
+            RouterError::Generation(_) => "generation",
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.to_string(),
+            error_type: self.error_type().to_string(),
+        }
+    }
+}
+
+/// TGI's error shape.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+    pub error_type: String,
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        (status, Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,163 @@
+//! HTTP routes and shared state.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+
+use crate::errors::RouterError;
+use crate::extract::TgiJson;
+use crate::infer::{Infer, TokenEvent};
+use crate::pb;
+use crate::schemas::{Details, GenerateRequest, GenerateResponse, Info};
+use crate::sse;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub infer: Arc<Infer>,
+    pub info: Arc<Info>,
+}
+
+pub fn router(state: AppState, payload_limit: usize) -> Router {
+    Router::new()
+        .route("/", post(compat_generate))
+        .route("/generate", post(generate))
+        .route("/generate_stream", post(generate_stream))
+        .route("/health", get(health))
+        .route("/info", get(info))
+        .layer(DefaultBodyLimit::max(payload_limit))
+        .with_state(state)
+}
+
+async fn info(State(state): State<AppState>) -> Json<Info> {
+    Json((*state.info).clone())
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let executor = state.infer.executor();
+    if !executor.is_connected() {
+        return RouterError::Unavailable("the executor is not connected".into()).into_response();
+    }
+    let probe = async {
+        let mut client = executor.client().await.map_err(|e| e.to_string())?;
+        client
+            .health(pb::HealthRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(h)) if h.ready => StatusCode::OK.into_response(),
+        Ok(Ok(h)) => {
+            RouterError::Unavailable(format!("executor not ready: {}", h.reason)).into_response()
+        }
+        Ok(Err(e)) => RouterError::Unavailable(e).into_response(),
+        Err(_) => RouterError::Unavailable("executor health check timed out after 2s".into())
+            .into_response(),
+    }
+}
+
+/// `POST /`: TGI's compatibility route, dispatching on `stream`.
+async fn compat_generate(state: State<AppState>, body: TgiJson<GenerateRequest>) -> Response {
+    if body.0.stream {
+        generate_stream(state, body).await
+    } else {
+        generate(state, body).await.into_response()
+    }
+}
+
+async fn generate(
+    State(state): State<AppState>,
+    TgiJson(req): TgiJson<GenerateRequest>,
+) -> Result<Json<GenerateResponse>, RouterError> {
+    let prepared = state.infer.prepare(&req.inputs, &req.parameters).await?;
+    let want_details = prepared.params.details;
+    let full_text = prepared.params.return_full_text;
+    let mut stream = state.infer.start(prepared)?;
+    let mut tokens = Vec::new();
+    let mut top_tokens = Vec::new();
+    while let Some(ev) = stream.next().await {
+        let TokenEvent {
+            token,
+            top_tokens: top,
+            end,
+            ..
+        } = ev?;
+        tokens.push(token);
+        if !top.is_empty() {
+            top_tokens.push(top);
+        }
+        if let Some(end) = end {
+            let generated_text = if full_text {
+                format!("{}{}", req.inputs, end.generated_text)
+            } else {
+                end.generated_text
+            };
+            let details = want_details.then(|| Details {
+                finish_reason: end.finish_reason,
+                generated_tokens: end.generated_tokens,
+                seed: end.seed,
+                input_length: end.input_length,
+                prefill: vec![],
+                tokens,
+                top_tokens,
+            });
+            return Ok(Json(GenerateResponse {
+                generated_text,
+                details,
+            }));
+        }
+    }
+    Err(RouterError::Generation(
+        "the generation ended without a final token".into(),
+    ))
+}
+
+async fn generate_stream(
+    State(state): State<AppState>,
+    TgiJson(req): TgiJson<GenerateRequest>,
+) -> Response {
+    // Errors before the first byte get a proper status; later ones an error event.
+    let prepared = match state.infer.prepare(&req.inputs, &req.parameters).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let prefix = prepared.params.return_full_text.then(|| req.inputs.clone());
+    match state.infer.start(prepared) {
+        Ok(stream) => Sse::new(events(stream, prefix))
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn events(
+    mut stream: crate::infer::GenerationStream,
+    prefix: Option<String>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream::stream! {
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => {
+                    let last = ev.end.is_some();
+                    yield Ok(sse::token_event(&sse::stream_response(ev, prefix.as_deref())));
+                    if last {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream ended with an error");
+                    yield Ok(sse::error_event(&e));
+                    break;
+                }
+            }
+        }
+    }
+}
