@@ -1,0 +1,3 @@
+"""tensorgate: LLM inference server (Rust router, gRPC, Python executor)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Process supervision: starts the executor and the router, restarts a dead executor, drains."""

@@ -1,0 +1,171 @@
+//! tensorgate router: HTTP in front, gRPC to the executor behind.
+
+pub mod config;
+pub mod detokenizer;
+pub mod errors;
+pub mod executor_client;
+pub mod extract;
+pub mod infer;
+#[cfg(feature = "python")]
+mod python;
+pub mod schemas;
+pub mod server;
+pub mod sse;
+pub mod tokenizer;
+pub mod validation;
+
+pub mod pb {
+    tonic::include_proto!("tensorgate.v1");
+}
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use config::Config;
+use executor_client::ExecutorHandle;
+
+/// Runs the router to completion and returns the process exit code.
+/// `argv[0]` is the program name, as in `std::env::args`.
+pub fn run_main(argv: Vec<String>) -> i32 {
+    let config = match Config::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    init_tracing(config.json_output);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tensorgate-router: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tensorgate-router: {e}");
+            1
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    let tokenizer = tokenizer::TextTokenizer::load(&config.tokenizer)?;
+    let executor = ExecutorHandle::spawn(config.executor_socket.clone());
+    let info = fetch_info(&executor, Duration::from_secs(120)).await?;
+
+    let limits = info.limits.unwrap_or_default();
+    let max_total_tokens = lower(limits.max_total_tokens, config.max_total_tokens);
+    let max_input_tokens = lower(limits.max_input_tokens, config.max_input_tokens)
+        .min(max_total_tokens.saturating_sub(1));
+    if max_input_tokens == 0 {
+        return Err(format!(
+            "the executor reports max_total_tokens={max_total_tokens}: no room for a prompt"
+        ));
+    }
+    let limits = validation::Limits {
+        max_input_tokens,
+        max_total_tokens,
+        max_top_n_tokens: limits.max_top_n_tokens,
+        max_stop_sequences: config.max_stop_sequences,
+        max_stop_sequence_bytes: config.max_stop_sequence_bytes,
+        features: info.features.unwrap_or_default(),
+    };
+    let public_info = schemas::Info {
+        model_id: config.model_id.clone().unwrap_or(info.model_id.clone()),
+        engine: info.engine.clone(),
+        model_dtype: info.dtype.clone(),
+        model_device_type: info.device.clone(),
+        max_concurrent_requests: config.max_concurrent_requests,
+        max_best_of: 1,
+        max_stop_sequences: config.max_stop_sequences,
+        max_input_tokens,
+        max_total_tokens,
+        max_batch_size: info.limits.map(|l| l.max_batch_size).unwrap_or(0),
+        max_top_n_tokens: limits.max_top_n_tokens,
+        kv_capacity_tokens: info.kv_capacity_tokens,
+        router: env!("CARGO_PKG_NAME"),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let infer = infer::Infer::new(executor, tokenizer, limits, config.max_concurrent_requests);
+    let state = server::AppState {
+        infer: Arc::new(infer),
+        info: Arc::new(public_info),
+    };
+    let app = server::router(state, config.payload_limit);
+    let addr = std::net::SocketAddr::new(config.hostname, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot bind {addr}: {e}"))?;
+    tracing::info!(%addr, engine = %info.engine, model = %info.model_id, max_input_tokens, max_total_tokens, "serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))
+}
+
+fn lower(executor: u32, flag: Option<u32>) -> u32 {
+    flag.map_or(executor, |f| f.min(executor))
+}
+
+async fn fetch_info(executor: &ExecutorHandle, wait: Duration) -> Result<pb::InfoResponse, String> {
+    let start = Instant::now();
+    loop {
+        let attempt = async {
+            let mut client = executor.client().await.map_err(|e| e.to_string())?;
+            client
+                .info(pb::InfoRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.message().to_string())
+        };
+        match attempt.await {
+            Ok(info) => return Ok(info),
+            Err(e) if start.elapsed() > wait => {
+                return Err(format!("executor did not answer Info within {wait:?}: {e}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
