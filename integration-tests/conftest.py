@@ -1,0 +1,108 @@
+"""Starts the real server (launcher → executor → router) on the embedded model, once per session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from tensorgate.v1 import executor_pb2, executor_pb2_grpc
+
+STARTUP_TIMEOUT_S = 900  # first run converts the embedded model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    socket_path: Path
+    proc: subprocess.Popen
+
+    def stats(self) -> executor_pb2.StatsResponse:
+        with grpc.insecure_channel(f"unix:{self.socket_path}") as ch:
+            return executor_pb2_grpc.ExecutorStub(ch).Stats(executor_pb2.StatsRequest(), timeout=5)
+
+
+def start_server(extra: list[str], log_path: Path) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    sock_dir = Path(tempfile.mkdtemp(prefix="tg-it-"))
+    sock = sock_dir / "executor.sock"
+    log = open(log_path, "wb")  # noqa: SIM115 - kept open for the server's life
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorgate.cli",
+            "serve",
+            "--hostname",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--executor-socket",
+            str(sock),
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{port}", sock
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{log_path.read_text()}")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    proc, url, sock = start_server(["--max-batch-size", "16"], log_path)
+    try:
+        wait_healthy(proc, url, log_path, STARTUP_TIMEOUT_S)
+        yield Server(url=url, socket_path=sock, proc=proc)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    from tensorgate.models.embedded import ensure_embedded_model
+
+    return ensure_embedded_model()
