@@ -16,7 +16,6 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-
 from tensorgate.v1 import executor_pb2, executor_pb2_grpc
 
 STARTUP_TIMEOUT_S = 900  # first run converts the embedded model
@@ -43,7 +42,7 @@ def start_server(extra: list[str], log_path: Path) -> tuple[subprocess.Popen, st
     port = free_port()
     sock_dir = Path(tempfile.mkdtemp(prefix="tg-it-"))
     sock = sock_dir / "executor.sock"
-    log = open(log_path, "wb")  # noqa: SIM115 - kept open for the server's life
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [
             sys.executable,

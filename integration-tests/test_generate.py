@@ -126,7 +126,10 @@ def test_client_disconnect_cancels_in_executor(server):
     before = server.stats().requests_cancelled
     r = requests.post(
         f"{server.url}/generate_stream",
-        json={"inputs": "Write a very long story about dragons.", "parameters": {"max_new_tokens": 400}},
+        json={
+            "inputs": "Write a very long story about dragons.",
+            "parameters": {"max_new_tokens": 400},
+        },
         stream=True,
         timeout=300,
     )

@@ -35,7 +35,9 @@ def test_sigterm_stops_router_and_executor_without_orphans(tmp_path, embedded_mo
         kids = children_of(proc.pid)
         assert len(kids) == 2, f"expected executor and router, got {kids}"
         r = requests.post(
-            f"{url}/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 4}}, timeout=30
+            f"{url}/generate",
+            json={"inputs": "hi", "parameters": {"max_new_tokens": 4}},
+            timeout=30,
         )
         assert r.status_code == 200, r.text
         assert r.json()["generated_text"] is not None
