@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+
 from tensorgate.v1 import executor_pb2, executor_pb2_grpc
 
 STARTUP_TIMEOUT_S = 900  # first run converts the embedded model

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "tensorgate-router", version, about = "tensorgate HTTP router")]
@@ -52,11 +52,20 @@ pub struct Config {
     #[arg(long, default_value_t = 2_000_000)]
     pub payload_limit: usize,
 
-    /// Threads that tokenize, off the async runtime.
-    #[arg(long, default_value_t = 2)]
-    pub tokenizer_workers: usize,
+    /// How `inputs` of the TGI routes become a prompt: `raw` (TGI's behaviour) or `chat`
+    /// (as one user message through the model's chat template, for instruct models that
+    /// end at once on raw text).
+    #[arg(long, value_enum, default_value_t = PromptFormat::Raw)]
+    pub prompt_format: PromptFormat,
 
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    Raw,
+    Chat,
 }

@@ -19,12 +19,14 @@ pub enum RouterError {
     Generation(String),
     #[error("Tokenizer error: {0}")]
     Tokenizer(String),
+    #[error("Template error: {0}")]
+    Template(String),
 }
 
 impl RouterError {
     pub fn status(&self) -> StatusCode {
         match self {
-            RouterError::Validation(_) | RouterError::Tokenizer(_) => {
+            RouterError::Validation(_) | RouterError::Tokenizer(_) | RouterError::Template(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             RouterError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -37,6 +39,7 @@ impl RouterError {
         match self {
             RouterError::Validation(_) => "validation",
             RouterError::Tokenizer(_) => "tokenizer",
+            RouterError::Template(_) => "template_error",
             RouterError::Overloaded(_) => "overloaded",
             RouterError::Unavailable(_) => "unavailable",
             RouterError::Generation(_) => "generation",

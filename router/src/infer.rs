@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::detokenizer::IncrementalDecoder;
 use crate::errors::RouterError;
 use crate::executor_client::{ExecutorEvent, ExecutorHandle, RequestGuard};
@@ -17,6 +18,8 @@ use crate::validation::{self, Limits, ValidParameters};
 pub struct Infer {
     executor: ExecutorHandle,
     tokenizer: TextTokenizer,
+    /// Set when TGI `inputs` are to be sent as one user message (--prompt-format chat).
+    chat_template: Option<ChatTemplate>,
     limits: Limits,
     permits: Arc<Semaphore>,
     max_concurrent_requests: usize,
@@ -53,12 +56,14 @@ impl Infer {
     pub fn new(
         executor: ExecutorHandle,
         tokenizer: TextTokenizer,
+        chat_template: Option<ChatTemplate>,
         limits: Limits,
         max_concurrent_requests: usize,
     ) -> Self {
         Self {
             executor,
             tokenizer,
+            chat_template,
             limits,
             permits: Arc::new(Semaphore::new(max_concurrent_requests)),
             max_concurrent_requests,
@@ -78,7 +83,20 @@ impl Infer {
         if inputs.is_empty() {
             return Err(validation::ValidationError::EmptyInput.into());
         }
-        let ids = self.tokenizer.encode(inputs.to_string(), true).await?;
+        let ids = match &self.chat_template {
+            None => self.tokenizer.encode(inputs.to_string(), true).await?,
+            Some(template) => {
+                let message = ChatMessage {
+                    role: "user".into(),
+                    content: inputs.to_string(),
+                };
+                let prompt = template
+                    .render(&[message], true)
+                    .map_err(RouterError::Template)?;
+                // The template writes the special tokens itself.
+                self.tokenizer.encode(prompt, false).await?
+            }
+        };
         let (input_ids, max_new_tokens) = validation::validate_length(ids, &params, &self.limits)?;
         Ok(Prepared {
             input_ids,

@@ -1,5 +1,6 @@
 //! tensorgate router: HTTP in front, gRPC to the executor behind.
 
+pub mod chat_template;
 pub mod config;
 pub mod detokenizer;
 pub mod errors;
@@ -72,6 +73,26 @@ fn init_tracing(json: bool) {
 
 async fn run(config: Config) -> Result<(), String> {
     let tokenizer = tokenizer::TextTokenizer::load(&config.tokenizer)?;
+    let chat_template = match config.prompt_format {
+        config::PromptFormat::Raw => None,
+        config::PromptFormat::Chat => {
+            let dir = if config.tokenizer.is_dir() {
+                config.tokenizer.clone()
+            } else {
+                config
+                    .tokenizer
+                    .parent()
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or_default()
+            };
+            Some(chat_template::ChatTemplate::load(&dir)?.ok_or_else(|| {
+                format!(
+                    "--prompt-format chat needs a chat template, and {} has none",
+                    dir.display()
+                )
+            })?)
+        }
+    };
     let executor = ExecutorHandle::spawn(config.executor_socket.clone());
     let info = fetch_info(&executor, Duration::from_secs(120)).await?;
 
@@ -105,10 +126,17 @@ async fn run(config: Config) -> Result<(), String> {
         max_batch_size: info.limits.map(|l| l.max_batch_size).unwrap_or(0),
         max_top_n_tokens: limits.max_top_n_tokens,
         kv_capacity_tokens: info.kv_capacity_tokens,
+        prompt_format: config.prompt_format,
         router: env!("CARGO_PKG_NAME"),
         version: env!("CARGO_PKG_VERSION"),
     };
-    let infer = infer::Infer::new(executor, tokenizer, limits, config.max_concurrent_requests);
+    let infer = infer::Infer::new(
+        executor,
+        tokenizer,
+        chat_template,
+        limits,
+        config.max_concurrent_requests,
+    );
     let state = server::AppState {
         infer: Arc::new(infer),
         info: Arc::new(public_info),

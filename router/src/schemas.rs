@@ -133,6 +133,7 @@ pub struct Info {
     pub max_batch_size: u32,
     pub max_top_n_tokens: u32,
     pub kv_capacity_tokens: u64,
+    pub prompt_format: crate::config::PromptFormat,
     pub router: &'static str,
     pub version: &'static str,
 }

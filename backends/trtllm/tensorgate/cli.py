@@ -30,6 +30,13 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--executor-socket", type=Path, help="unix socket path for the executor")
     s.add_argument("--iteration-ms", type=float, help="synthetic engine: time per iteration")
     s.add_argument("--shutdown-timeout", type=float, default=30.0)
+    s.add_argument(
+        "--prompt-format",
+        choices=("auto", "raw", "chat"),
+        default="auto",
+        help="TGI routes: send `inputs` raw, or as one user message through the chat template "
+        "(auto: chat for the embedded instruct model, raw otherwise)",
+    )
     s.add_argument("--json-output", action="store_true", help="log JSON lines")
 
 
@@ -76,6 +83,12 @@ def _router_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
         args += ["--max-input-tokens", str(a.max_input_tokens)]
     if a.max_total_tokens is not None:
         args += ["--max-total-tokens", str(a.max_total_tokens)]
+    prompt_format = a.prompt_format
+    if prompt_format == "auto":
+        # SmolLM2-Instruct ends at once on raw text; its chat template makes it answer.
+        embedded = a.model_id is None and source.engine != "synthetic"
+        prompt_format = "chat" if embedded else "raw"
+    args += ["--prompt-format", prompt_format]
     if a.json_output:
         args.append("--json-output")
     return args

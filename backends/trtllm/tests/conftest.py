@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from tensorgate.v1 import executor_pb2 as pb
 
 EOS = 5

@@ -8,6 +8,7 @@ import threading
 
 import grpc
 import pytest
+
 from tensorgate.executor.engines.synthetic import SyntheticEngine
 from tensorgate.executor.server import serve
 from tensorgate.v1 import executor_pb2 as pb

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from conftest import EOS, Collector
+
 from tensorgate.executor.engines.transformers_engine import TransformersEngine
 from tensorgate.v1 import executor_pb2 as pb
 

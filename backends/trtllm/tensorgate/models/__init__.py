@@ -1,0 +1,1 @@
+"""Model sources the launcher can serve without a hub: the embedded default."""
