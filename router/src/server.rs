@@ -64,12 +64,16 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `POST /`: TGI's compatibility route, dispatching on `stream`.
+/// `POST /`: TGI's compatibility route, dispatching on `stream`. As in TGI, the
+/// non-streaming answer is a one-element list (what TGI's Python clients parse).
 async fn compat_generate(state: State<AppState>, body: TgiJson<GenerateRequest>) -> Response {
     if body.0.stream {
         generate_stream(state, body).await
     } else {
-        generate(state, body).await.into_response()
+        match generate(state, body).await {
+            Ok(Json(response)) => Json(vec![response]).into_response(),
+            Err(e) => e.into_response(),
+        }
     }
 }
 
