@@ -245,3 +245,197 @@ fn route(iteration: pb::IterationOutput, pending: &mut Pending) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The dispatcher against a fake executor served by tonic on a real unix socket.
+
+    use super::*;
+    use crate::pb::executor_server::{Executor, ExecutorServer};
+    use std::pin::Pin;
+    use tokio::net::UnixListener;
+    use tokio_stream::wrappers::UnixListenerStream;
+    use tokio_stream::Stream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// Answers each request with `tokens` one-token outputs, records cancels, and can be told
+    /// to drop every stream (an executor crash as the router sees it).
+    #[derive(Clone)]
+    struct FakeExecutor {
+        tokens: u32,
+        cancels: mpsc::UnboundedSender<u64>,
+        hang_up: Arc<tokio::sync::Notify>,
+    }
+
+    type OutStream = Pin<Box<dyn Stream<Item = Result<pb::IterationOutput, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Executor for FakeExecutor {
+        async fn info(
+            &self,
+            _: Request<pb::InfoRequest>,
+        ) -> Result<Response<pb::InfoResponse>, Status> {
+            Ok(Response::new(pb::InfoResponse::default()))
+        }
+        async fn health(
+            &self,
+            _: Request<pb::HealthRequest>,
+        ) -> Result<Response<pb::HealthResponse>, Status> {
+            Ok(Response::new(pb::HealthResponse {
+                ready: true,
+                reason: String::new(),
+            }))
+        }
+        async fn stats(
+            &self,
+            _: Request<pb::StatsRequest>,
+        ) -> Result<Response<pb::StatsResponse>, Status> {
+            Ok(Response::new(pb::StatsResponse::default()))
+        }
+        type GenerateStream = OutStream;
+        async fn generate(
+            &self,
+            request: Request<Streaming<pb::GenerateCommand>>,
+        ) -> Result<Response<OutStream>, Status> {
+            let mut commands = request.into_inner();
+            let me = self.clone();
+            let out = async_stream::stream! {
+                loop {
+                    tokio::select! {
+                        _ = me.hang_up.notified() => break,
+                        cmd = commands.message() => {
+                            let Ok(Some(cmd)) = cmd else { break };
+                            for id in cmd.cancel_ids {
+                                let _ = me.cancels.send(id);
+                            }
+                            for r in cmd.requests {
+                                for i in 0..me.tokens {
+                                    let last = i + 1 == me.tokens;
+                                    yield Ok(pb::IterationOutput {
+                                        iteration: u64::from(i),
+                                        outputs: vec![pb::RequestOutput {
+                                            request_id: r.id,
+                                            token_ids: vec![100 + i],
+                                            finish_reason: if last { pb::FinishReason::Length as i32 } else { 0 },
+                                            ..Default::default()
+                                        }],
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            Ok(Response::new(Box::pin(out)))
+        }
+    }
+
+    async fn start_fake(
+        tokens: u32,
+    ) -> (
+        tempdir::Dir,
+        mpsc::UnboundedReceiver<u64>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let dir = tempdir::Dir::new();
+        let socket = dir.path.join("fake.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let fake = FakeExecutor {
+            tokens,
+            cancels: tx,
+            hang_up: hang_up.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ExecutorServer::new(fake))
+                .serve_with_incoming(UnixListenerStream::new(listener)),
+        );
+        (dir, rx, hang_up)
+    }
+
+    mod tempdir {
+        pub struct Dir {
+            pub path: std::path::PathBuf,
+        }
+        impl Dir {
+            pub fn new() -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "tg-test-{}-{}",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ));
+                std::fs::create_dir_all(&path).expect("mkdir");
+                Self { path }
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.path);
+            }
+        }
+    }
+
+    async fn connected(handle: &ExecutorHandle) {
+        for _ in 0..200 {
+            if handle.is_connected() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("dispatcher never connected");
+    }
+
+    #[tokio::test]
+    async fn outputs_reach_their_request() {
+        let (dir, _cancels, _hang) = start_fake(3).await;
+        let handle = ExecutorHandle::spawn(dir.path.join("fake.sock"));
+        connected(&handle).await;
+        let (mut guard, mut rx) = handle.submit(pb::GenerateRequest::default());
+        let mut tokens = vec![];
+        while let Some(ExecutorEvent::Output(o)) = rx.recv().await {
+            tokens.extend(o.token_ids);
+            if o.finish_reason != 0 {
+                break;
+            }
+        }
+        guard.finish();
+        assert_eq!(tokens, vec![100, 101, 102]);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_guard_cancels_in_the_executor() {
+        let (dir, mut cancels, _hang) = start_fake(0).await;
+        let handle = ExecutorHandle::spawn(dir.path.join("fake.sock"));
+        connected(&handle).await;
+        let (guard, _rx) = handle.submit(pb::GenerateRequest::default());
+        // Let the submit reach the executor before the client goes away.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(guard);
+        let id = tokio::time::timeout(Duration::from_secs(5), cancels.recv())
+            .await
+            .expect("cancel arrives")
+            .expect("channel open");
+        assert_eq!(id, 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_executor_ends_every_request_with_an_error_and_reconnects() {
+        let (dir, _cancels, hang_up) = start_fake(0).await;
+        let handle = ExecutorHandle::spawn(dir.path.join("fake.sock"));
+        connected(&handle).await;
+        let (_g1, mut rx1) = handle.submit(pb::GenerateRequest::default());
+        let (_g2, mut rx2) = handle.submit(pb::GenerateRequest::default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hang_up.notify_waiters();
+        for rx in [&mut rx1, &mut rx2] {
+            let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an event, not a hang");
+            assert!(matches!(ev, Some(ExecutorEvent::Disconnected(_))), "{ev:?}");
+        }
+        // The dispatcher opens a new stream: service resumes.
+        connected(&handle).await;
+    }
+}
