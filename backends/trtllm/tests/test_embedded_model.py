@@ -93,6 +93,44 @@ def test_weights_are_dequantized_float32(model_dir):
     assert q.abs().sum() > 0 and q.isfinite().all()
 
 
+def test_weights_equal_the_gguf_reference_dequantization(model_dir):
+    """transformers' GGUF loader against gguf-py's own numpy dequantizer, bit for bit: Q4_1
+    blocks, the Q8_0 embeddings, plain F32 norms, and q/k with llama.cpp's row permutation
+    undone (float32 holds every Q4_1 value d*q+m exactly; bfloat16 would round them)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+        rows, cols = w.shape
+        return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+    names = {
+        "token_embd.weight": ("model.embed_tokens.weight", "Q8_0", None),
+        "blk.0.attn_q.weight": ("model.layers.0.self_attn.q_proj.weight", "Q4_1", 9),
+        "blk.29.attn_k.weight": ("model.layers.29.self_attn.k_proj.weight", "Q4_1", 3),
+        "blk.0.attn_v.weight": ("model.layers.0.self_attn.v_proj.weight", "Q4_1", None),
+        "blk.5.ffn_down.weight": ("model.layers.5.mlp.down_proj.weight", "Q4_1", None),
+        "output_norm.weight": ("model.norm.weight", "F32", None),
+    }
+    reader = GGUFReader(str(gguf_path()))
+    seen = 0
+    with safe_open(model_dir / "model.safetensors", framework="numpy") as f:
+        for tensor in reader.tensors:
+            if tensor.name not in names:
+                continue
+            hf_name, qtype, heads = names[tensor.name]
+            assert tensor.tensor_type.name == qtype, tensor.name
+            shape = tuple(int(n) for n in reversed(tensor.shape))
+            ref = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            if heads:
+                ref = unpermute(ref, heads)
+            np.testing.assert_array_equal(f.get_tensor(hf_name), ref, err_msg=tensor.name)
+            seen += 1
+    assert seen == len(names)
+
+
 def test_special_tokens_match_the_gguf_metadata(model_dir, gguf_meta):
     tokens = gguf_meta["tokens"]
     eos, bos = gguf_meta["eos_token_id"], gguf_meta["bos_token_id"]

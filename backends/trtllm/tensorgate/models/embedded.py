@@ -6,6 +6,11 @@ tokenizer.json (loadable by the Rust `tokenizers` crate) and tokenizer_config.js
 chat template from the GGUF metadata. The fast path (already converted) only reads a marker
 file and imports nothing heavy; the conversion is serialised by a file lock and published with
 an atomic rename, the marker being written last.
+
+Why float32: every Q4_1 weight is d*q + m with float16 d and m, which float32 holds exactly (the
+checkpoint equals gguf-py's reference dequantization bit for bit) and bfloat16 would round; and
+on CPUs without avx512_bf16/AMX, bfloat16 matmuls are emulated, so generation in float32 is
+faster (about 1.75x on a 2-core AVX2 EPYC). The cost is disk: about 520 MB instead of 270 MB.
 """
 
 from __future__ import annotations
