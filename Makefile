@@ -28,7 +28,9 @@ lint:
 test-rust:
 	cargo test
 
+# Two runs: each suite has its own conftest module, and one process cannot import both.
 test-python:
-	$(PYTHON) -m pytest -q backends/trtllm/tests integration-tests
+	$(PYTHON) -m pytest -q backends/trtllm/tests
+	$(PYTHON) -m pytest -q integration-tests
 
 test: install-test lint test-rust test-python
