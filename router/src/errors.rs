@@ -70,3 +70,66 @@ impl IntoResponse for RouterError {
         (status, Json(self.body())).into_response()
     }
 }
+
+/// OpenAI's error object, used on the /v1 routes.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct OpenAiErrorBody {
+    pub error: OpenAiErrorDetail,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct OpenAiErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl OpenAiErrorBody {
+    pub fn new(message: String, kind: &str, code: &str) -> Self {
+        Self {
+            error: OpenAiErrorDetail {
+                message,
+                kind: kind.to_string(),
+                param: None,
+                code: Some(code.to_string()),
+            },
+        }
+    }
+}
+
+impl RouterError {
+    pub fn openai_body(&self) -> OpenAiErrorBody {
+        let kind = match self.status().as_u16() {
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        OpenAiErrorBody::new(self.to_string(), kind, self.error_type())
+    }
+}
+
+/// A RouterError answered in OpenAI's shape.
+pub struct OpenAiError(pub RouterError);
+
+impl From<RouterError> for OpenAiError {
+    fn from(e: RouterError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl From<crate::validation::ValidationError> for OpenAiError {
+    fn from(e: crate::validation::ValidationError) -> Self {
+        OpenAiError(RouterError::Validation(e))
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self.0, "request failed");
+        }
+        (status, Json(self.0.openai_body())).into_response()
+    }
+}

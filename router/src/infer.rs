@@ -18,8 +18,9 @@ use crate::validation::{self, Limits, ValidParameters};
 pub struct Infer {
     executor: ExecutorHandle,
     tokenizer: TextTokenizer,
-    /// Set when TGI `inputs` are to be sent as one user message (--prompt-format chat).
     chat_template: Option<ChatTemplate>,
+    /// TGI `inputs` go through the chat template as one user message (--prompt-format chat).
+    wrap_inputs: bool,
     limits: Limits,
     permits: Arc<Semaphore>,
     max_concurrent_requests: usize,
@@ -57,6 +58,7 @@ impl Infer {
         executor: ExecutorHandle,
         tokenizer: TextTokenizer,
         chat_template: Option<ChatTemplate>,
+        wrap_inputs: bool,
         limits: Limits,
         max_concurrent_requests: usize,
     ) -> Self {
@@ -64,6 +66,7 @@ impl Infer {
             executor,
             tokenizer,
             chat_template,
+            wrap_inputs,
             limits,
             permits: Arc::new(Semaphore::new(max_concurrent_requests)),
             max_concurrent_requests,
@@ -74,18 +77,22 @@ impl Infer {
         &self.executor
     }
 
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    pub fn features(&self) -> &crate::pb::Features {
+        &self.limits.features
+    }
+
+    /// TGI routes: `inputs` as they are, or as one user message (--prompt-format chat).
     pub async fn prepare(
         &self,
         inputs: &str,
         parameters: &GenerateParameters,
     ) -> Result<Prepared, RouterError> {
-        let params = validation::validate_parameters(parameters, &self.limits, rand::random)?;
-        if inputs.is_empty() {
-            return Err(validation::ValidationError::EmptyInput.into());
-        }
-        let ids = match &self.chat_template {
-            None => self.tokenizer.encode(inputs.to_string(), true).await?,
-            Some(template) => {
+        match (&self.chat_template, self.wrap_inputs) {
+            (Some(template), true) => {
                 let message = ChatMessage {
                     role: "user".into(),
                     content: inputs.to_string(),
@@ -94,9 +101,26 @@ impl Infer {
                     .render(&[message], true)
                     .map_err(RouterError::Template)?;
                 // The template writes the special tokens itself.
-                self.tokenizer.encode(prompt, false).await?
+                self.prepare_prompt(prompt, false, parameters).await
             }
-        };
+            _ => {
+                self.prepare_prompt(inputs.to_string(), true, parameters)
+                    .await
+            }
+        }
+    }
+
+    pub async fn prepare_prompt(
+        &self,
+        prompt: String,
+        add_special_tokens: bool,
+        parameters: &GenerateParameters,
+    ) -> Result<Prepared, RouterError> {
+        let params = validation::validate_parameters(parameters, &self.limits, rand::random)?;
+        if prompt.is_empty() {
+            return Err(validation::ValidationError::EmptyInput.into());
+        }
+        let ids = self.tokenizer.encode(prompt, add_special_tokens).await?;
         let (input_ids, max_new_tokens) = validation::validate_length(ids, &params, &self.limits)?;
         Ok(Prepared {
             input_ids,

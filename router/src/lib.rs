@@ -7,6 +7,7 @@ pub mod errors;
 pub mod executor_client;
 pub mod extract;
 pub mod infer;
+pub mod openai;
 #[cfg(feature = "python")]
 mod python;
 pub mod schemas;
@@ -73,26 +74,22 @@ fn init_tracing(json: bool) {
 
 async fn run(config: Config) -> Result<(), String> {
     let tokenizer = tokenizer::TextTokenizer::load(&config.tokenizer)?;
-    let chat_template = match config.prompt_format {
-        config::PromptFormat::Raw => None,
-        config::PromptFormat::Chat => {
-            let dir = if config.tokenizer.is_dir() {
-                config.tokenizer.clone()
-            } else {
-                config
-                    .tokenizer
-                    .parent()
-                    .map(|p| p.to_path_buf())
-                    .unwrap_or_default()
-            };
-            Some(chat_template::ChatTemplate::load(&dir)?.ok_or_else(|| {
-                format!(
-                    "--prompt-format chat needs a chat template, and {} has none",
-                    dir.display()
-                )
-            })?)
-        }
+    let template_dir = if config.tokenizer.is_dir() {
+        config.tokenizer.clone()
+    } else {
+        config
+            .tokenizer
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default()
     };
+    let chat_template = chat_template::ChatTemplate::load(&template_dir)?;
+    if config.prompt_format == config::PromptFormat::Chat && chat_template.is_none() {
+        return Err(format!(
+            "--prompt-format chat needs a chat template, and {} has none",
+            template_dir.display()
+        ));
+    }
     let executor = ExecutorHandle::spawn(config.executor_socket.clone());
     let info = fetch_info(&executor, Duration::from_secs(120)).await?;
 
@@ -134,6 +131,7 @@ async fn run(config: Config) -> Result<(), String> {
         executor,
         tokenizer,
         chat_template,
+        config.prompt_format == config::PromptFormat::Chat,
         limits,
         config.max_concurrent_requests,
     );

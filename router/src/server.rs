@@ -32,6 +32,12 @@ pub fn router(state: AppState, payload_limit: usize) -> Router {
         .route("/generate_stream", post(generate_stream))
         .route("/health", get(health))
         .route("/info", get(info))
+        .route("/v1/models", get(crate::openai::models))
+        .route("/v1/completions", post(crate::openai::completions))
+        .route(
+            "/v1/chat/completions",
+            post(crate::openai::chat_completions),
+        )
         .layer(DefaultBodyLimit::max(payload_limit))
         .with_state(state)
 }
