@@ -286,12 +286,17 @@ fn py_tojson(value: &Value, args: Rest<Value>) -> Result<Value, minijinja::Error
     let some = |v: Option<Value>| v.filter(|v| !v.is_none() && !v.is_undefined());
     let indent = match some(indent) {
         None => None,
-        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
+        Some(v) if v.kind() == ValueKind::String => {
+            Some(v.as_str().unwrap_or_default().to_string())
+        }
         Some(v) if v.is_integer() => Some(" ".repeat(usize::try_from(v).unwrap_or(0))),
         Some(v) => {
             return Err(minijinja::Error::new(
                 ErrorKind::InvalidOperation,
-                format!("tojson: indent must be an integer or a string, not {}", v.kind()),
+                format!(
+                    "tojson: indent must be an integer or a string, not {}",
+                    v.kind()
+                ),
             ))
         }
     };
@@ -557,7 +562,7 @@ mod tests {
         // Expected strings from transformers' tojson (json.dumps) on the same values.
         let cases = [
             (
-                r#"{{ {"b": [1, 2.5, none, true], "a": "<é&'\"\n"} | tojson }}"#,
+                r#"{{ {"a": "<é&'\"\n", "b": [1, 2.5, none, true]} | tojson }}"#,
                 r#"{"a": "<é&'\"\n", "b": [1, 2.5, null, true]}"#,
             ),
             (
