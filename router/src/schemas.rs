@@ -137,3 +137,19 @@ pub struct Info {
     pub router: &'static str,
     pub version: &'static str,
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub inputs: String,
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SimpleToken {
+    pub id: u32,
+    pub text: String,
+    pub start: usize,
+    pub stop: usize,
+}

@@ -16,7 +16,9 @@ use crate::errors::RouterError;
 use crate::extract::TgiJson;
 use crate::infer::{Infer, TokenEvent};
 use crate::pb;
-use crate::schemas::{Details, GenerateRequest, GenerateResponse, Info};
+use crate::schemas::{
+    Details, GenerateRequest, GenerateResponse, Info, SimpleToken, TokenizeRequest,
+};
 use crate::sse;
 
 #[derive(Clone)]
@@ -32,6 +34,7 @@ pub fn router(state: AppState, payload_limit: usize) -> Router {
         .route("/generate_stream", post(generate_stream))
         .route("/health", get(health))
         .route("/info", get(info))
+        .route("/tokenize", post(tokenize))
         .route("/v1/models", get(crate::openai::models))
         .route("/v1/completions", post(crate::openai::completions))
         .route(
@@ -44,6 +47,29 @@ pub fn router(state: AppState, payload_limit: usize) -> Router {
 
 async fn info(State(state): State<AppState>) -> Json<Info> {
     Json((*state.info).clone())
+}
+
+/// `POST /tokenize`: the router's own tokenization of `inputs` (as sent raw, TGI's route).
+async fn tokenize(
+    State(state): State<AppState>,
+    TgiJson(req): TgiJson<TokenizeRequest>,
+) -> Result<Json<Vec<SimpleToken>>, RouterError> {
+    let tokens = state
+        .infer
+        .tokenizer()
+        .encode_with_offsets(req.inputs, req.add_special_tokens.unwrap_or(true))
+        .await?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|(id, text, start, stop)| SimpleToken {
+                id,
+                text,
+                start,
+                stop,
+            })
+            .collect(),
+    ))
 }
 
 async fn health(State(state): State<AppState>) -> Response {

@@ -64,4 +64,29 @@ impl TextTokenizer {
         .await
         .map_err(|e| RouterError::Tokenizer(format!("tokenizer task failed: {e}")))?
     }
+
+    /// Tokens with their text and byte offsets in `text` (for /tokenize).
+    pub async fn encode_with_offsets(
+        &self,
+        text: String,
+        add_special_tokens: bool,
+    ) -> Result<Vec<(u32, String, usize, usize)>, RouterError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let enc = inner
+                .encode(text.as_str(), add_special_tokens)
+                .map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+            Ok(enc
+                .get_ids()
+                .iter()
+                .zip(enc.get_offsets())
+                .map(|(&id, &(start, stop))| {
+                    let piece = text.get(start..stop).unwrap_or_default().to_string();
+                    (id, piece, start, stop)
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| RouterError::Tokenizer(format!("tokenizer task failed: {e}")))?
+    }
 }
