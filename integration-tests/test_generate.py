@@ -191,3 +191,10 @@ def test_malformed_json_is_422_not_500(server):
     )
     assert r.status_code == 422
     assert r.json()["error_type"] == "validation"
+
+
+def test_openapi_document_and_swagger_ui(server):
+    doc = requests.get(f"{server.url}/api-doc/openapi.json", timeout=10).json()
+    assert "/generate" in doc["paths"] and "/v1/chat/completions" in doc["paths"]
+    ui = requests.get(f"{server.url}/docs/", timeout=10)
+    assert ui.status_code == 200 and "swagger" in ui.text.lower()

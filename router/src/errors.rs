@@ -55,7 +55,7 @@ impl RouterError {
 }
 
 /// TGI's error shape.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     pub error_type: String,
@@ -72,12 +72,12 @@ impl IntoResponse for RouterError {
 }
 
 /// OpenAI's error object, used on the /v1 routes.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OpenAiErrorBody {
     pub error: OpenAiErrorDetail,
 }
 
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OpenAiErrorDetail {
     pub message: String,
     #[serde(rename = "type")]

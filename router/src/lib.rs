@@ -8,6 +8,7 @@ pub mod executor_client;
 pub mod extract;
 pub mod infer;
 pub mod openai;
+pub mod openapi;
 #[cfg(feature = "python")]
 mod python;
 pub mod schemas;

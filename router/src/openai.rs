@@ -24,7 +24,7 @@ use crate::validation::ValidationError;
 /// Most choices one request may ask for.
 pub const MAX_N: u32 = 8;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum StringOrList {
     One(String),
@@ -40,21 +40,21 @@ impl StringOrList {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -62,7 +62,7 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
@@ -71,7 +71,7 @@ pub struct ChatMessageIn {
 }
 
 /// Sampling fields shared by both OpenAI request kinds.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct CommonParams {
     #[serde(default)]
     pub temperature: Option<f32>,
@@ -94,10 +94,11 @@ pub struct CommonParams {
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
     #[serde(default)]
@@ -112,19 +113,22 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub top_logprobs: Option<u32>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub tools: Option<Value>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
     // Flattened last: serde's deny_unknown_fields sees the flattened fields as known.
     #[serde(flatten)]
     pub common: CommonParams,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     #[serde(default)]
@@ -144,7 +148,7 @@ pub struct CompletionRequest {
     pub common: CommonParams,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -243,6 +247,7 @@ fn message_text(m: &ChatMessageIn) -> Result<String, OpenAiError> {
     }
 }
 
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, description = "The served model", body = Object)))]
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
@@ -413,6 +418,13 @@ fn sse_json(value: &Value) -> Event {
     Event::default().data(value.to_string())
 }
 
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatCompletionRequest, responses((status = 200, description = "chat.completion, or chat.completion.chunk events when stream is true", body = Object),
+        (status = 413, description = "Body over --payload-limit", body = crate::errors::OpenAiErrorBody),
+        (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::OpenAiErrorBody),
+        (status = 424, description = "Generation failed", body = crate::errors::OpenAiErrorBody),
+        (status = 429, description = "Too many requests in flight", body = crate::errors::OpenAiErrorBody),
+        (status = 503, description = "Executor unavailable", body = crate::errors::OpenAiErrorBody),
+))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
@@ -544,6 +556,13 @@ pub async fn chat_completions(
         .into_response())
 }
 
+#[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest, responses((status = 200, description = "text_completion, or events when stream is true", body = Object),
+        (status = 413, description = "Body over --payload-limit", body = crate::errors::OpenAiErrorBody),
+        (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::OpenAiErrorBody),
+        (status = 424, description = "Generation failed", body = crate::errors::OpenAiErrorBody),
+        (status = 429, description = "Too many requests in flight", body = crate::errors::OpenAiErrorBody),
+        (status = 503, description = "Executor unavailable", body = crate::errors::OpenAiErrorBody),
+))]
 pub async fn completions(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,

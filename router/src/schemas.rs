@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     pub inputs: String,
@@ -14,7 +14,7 @@ pub struct GenerateRequest {
 }
 
 /// TGI's generation parameters. Unknown fields are rejected rather than ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
     #[serde(default)]
@@ -54,12 +54,13 @@ pub struct GenerateParameters {
     #[serde(default)]
     pub top_n_tokens: Option<u32>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub grammar: Option<serde_json::Value>,
     #[serde(default)]
     pub adapter_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Length,
@@ -67,7 +68,7 @@ pub enum FinishReason {
     StopSequence,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Token {
     pub id: u32,
     pub text: String,
@@ -75,14 +76,14 @@ pub struct Token {
     pub special: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct PrefillToken {
     pub id: u32,
     pub text: String,
     pub logprob: Option<f32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Details {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
@@ -94,14 +95,14 @@ pub struct Details {
     pub top_tokens: Vec<Vec<Token>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GenerateResponse {
     pub generated_text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Details>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StreamDetails {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
@@ -110,7 +111,7 @@ pub struct StreamDetails {
 }
 
 /// One server-sent event of `/generate_stream`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StreamResponse {
     pub index: u32,
     pub token: Token,
@@ -119,7 +120,7 @@ pub struct StreamResponse {
     pub details: Option<StreamDetails>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Info {
     pub model_id: String,
     pub engine: String,
@@ -138,7 +139,7 @@ pub struct Info {
     pub version: &'static str,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     pub inputs: String,
@@ -146,7 +147,7 @@ pub struct TokenizeRequest {
     pub add_special_tokens: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SimpleToken {
     pub id: u32,
     pub text: String,

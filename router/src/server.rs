@@ -41,16 +41,28 @@ pub fn router(state: AppState, payload_limit: usize) -> Router {
             "/v1/chat/completions",
             post(crate::openai::chat_completions),
         )
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url(
+            "/api-doc/openapi.json",
+            <crate::openapi::ApiDoc as utoipa::OpenApi>::openapi(),
+        ))
         .layer(DefaultBodyLimit::max(payload_limit))
         .with_state(state)
 }
 
-async fn info(State(state): State<AppState>) -> Json<Info> {
+#[utoipa::path(get, path = "/info", tag = "TGI", responses((status = 200, description = "Served model and limits", body = Info)))]
+pub async fn info(State(state): State<AppState>) -> Json<Info> {
     Json((*state.info).clone())
 }
 
 /// `POST /tokenize`: the router's own tokenization of `inputs` (as sent raw, TGI's route).
-async fn tokenize(
+#[utoipa::path(post, path = "/tokenize", tag = "TGI", request_body = TokenizeRequest, responses((status = 200, description = "Tokens", body = Vec<SimpleToken>),
+        (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
+        (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
+        (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),
+        (status = 503, description = "Executor unavailable", body = crate::errors::ErrorBody),
+))]
+pub async fn tokenize(
     State(state): State<AppState>,
     TgiJson(req): TgiJson<TokenizeRequest>,
 ) -> Result<Json<Vec<SimpleToken>>, RouterError> {
@@ -72,7 +84,8 @@ async fn tokenize(
     ))
 }
 
-async fn health(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/health", tag = "TGI", responses((status = 200, description = "Ready"), (status = 503, description = "Executor not ready", body = crate::errors::ErrorBody)))]
+pub async fn health(State(state): State<AppState>) -> Response {
     let executor = state.infer.executor();
     if !executor.is_connected() {
         return RouterError::Unavailable("the executor is not connected".into()).into_response();
@@ -98,7 +111,14 @@ async fn health(State(state): State<AppState>) -> Response {
 
 /// `POST /`: TGI's compatibility route, dispatching on `stream`. As in TGI, the
 /// non-streaming answer is a one-element list (what TGI's Python clients parse).
-async fn compat_generate(state: State<AppState>, body: TgiJson<GenerateRequest>) -> Response {
+#[utoipa::path(post, path = "/", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "A one-element list, or server-sent events when stream is true", body = Vec<GenerateResponse>, content_type = "application/json"),
+        (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
+        (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
+        (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),
+        (status = 503, description = "Executor unavailable", body = crate::errors::ErrorBody),
+))]
+pub async fn compat_generate(state: State<AppState>, body: TgiJson<GenerateRequest>) -> Response {
     if body.0.stream {
         generate_stream(state, body).await
     } else {
@@ -109,7 +129,14 @@ async fn compat_generate(state: State<AppState>, body: TgiJson<GenerateRequest>)
     }
 }
 
-async fn generate(
+#[utoipa::path(post, path = "/generate", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "Generated text", body = GenerateResponse),
+        (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
+        (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
+        (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),
+        (status = 503, description = "Executor unavailable", body = crate::errors::ErrorBody),
+))]
+pub async fn generate(
     State(state): State<AppState>,
     TgiJson(req): TgiJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, RouterError> {
@@ -156,7 +183,14 @@ async fn generate(
     ))
 }
 
-async fn generate_stream(
+#[utoipa::path(post, path = "/generate_stream", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "Server-sent events, one StreamResponse per token", body = crate::schemas::StreamResponse, content_type = "text/event-stream"),
+        (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
+        (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
+        (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),
+        (status = 503, description = "Executor unavailable", body = crate::errors::ErrorBody),
+))]
+pub async fn generate_stream(
     State(state): State<AppState>,
     TgiJson(req): TgiJson<GenerateRequest>,
 ) -> Response {
