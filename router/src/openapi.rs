@@ -78,7 +78,10 @@ mod tests {
             "/v1/completions",
             "/v1/chat/completions",
         ] {
-            assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
+            assert!(
+                paths.contains_key(p),
+                "{p} missing from the OpenAPI document"
+            );
         }
         let params = &doc["components"]["schemas"]["GenerateParameters"]["properties"];
         assert!(params["max_new_tokens"].is_object());
