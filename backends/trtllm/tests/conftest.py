@@ -37,23 +37,33 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Collector:
-    """Gathers an engine's emitted outputs per request, as the server would."""
+    """Gathers an engine's emitted iterations per request, as the server would."""
 
     def __init__(self) -> None:
         self.tokens: dict[int, list[int]] = {}
+        self.logprobs: dict[int, list[float]] = {}
+        self.top: dict[int, list[pb.TopTokens]] = {}
         self.finish: dict[int, int] = {}
         self.errors: dict[int, str] = {}
+        # index of the emit that carried a request's first token
+        self.first_batch: dict[int, int] = {}
         self.batches = 0
         self._cond = threading.Condition()
 
-    def emit(self, outputs: list[pb.RequestOutput]) -> None:
+    def emit(self, batch: pb.IterationOutput) -> None:
         with self._cond:
-            self.batches += 1
-            for o in outputs:
-                self.tokens.setdefault(o.request_id, []).extend(o.token_ids)
+            for o in batch.outputs:
+                rid = o.request_id
+                if o.token_ids and rid not in self.first_batch:
+                    self.first_batch[rid] = self.batches
+                self.tokens.setdefault(rid, []).extend(o.token_ids)
+                self.logprobs.setdefault(rid, []).extend(o.logprobs)
+                self.top.setdefault(rid, []).extend(o.top_tokens)
                 if o.finish_reason:
-                    self.finish[o.request_id] = o.finish_reason
-                    self.errors[o.request_id] = o.error
+                    assert rid not in self.finish, f"request {rid} finished twice"
+                    self.finish[rid] = o.finish_reason
+                    self.errors[rid] = o.error
+            self.batches += 1
             self._cond.notify_all()
 
     def wait_finished(self, ids: list[int], timeout: float = 60) -> None:

@@ -1,21 +1,24 @@
 """The interface every engine implements (trtllm, transformers, synthetic).
 
 An engine runs its own loop (a thread or a task), takes new requests and cancellations at any
-time, and hands the server one batch of outputs per engine iteration through `emit`, so the
-executor sends O(iterations) messages, not O(tokens). It never detokenizes.
+time, and hands the server one `IterationOutput` per engine iteration through `emit`, so the
+executor sends O(iterations) messages, not O(tokens). It never detokenizes. Request ids given
+to an engine are the server's engine-wide ids; the server maps them back to the router's.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tensorgate.v1 import executor_pb2 as pb
 
-# One iteration's outputs, in the wire type so that no copy is needed on the way out.
-Emit = Callable[[list[pb.RequestOutput]], None]
+# One iteration's outputs, already in the wire type so that nothing is copied on the way out.
+# Called from the engine's own thread; the server hops to its event loop.
+Emit = Callable[[pb.IterationOutput], None]
 
 
 class EngineError(Exception):
@@ -32,6 +35,23 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
+class EngineFeatures:
+    """What the engine really honours; the router refuses what is not claimed here."""
+
+    logprobs: bool = False
+    top_n_tokens: bool = False
+    seed: bool = False
+    top_k: bool = False
+    top_p: bool = False
+    typical_p: bool = False
+    repetition_penalty: bool = False
+    frequency_penalty: bool = False
+    presence_penalty: bool = False
+    stop_token_ids: bool = False
+    guided_decoding: bool = False
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     model_id: str
     engine: str
@@ -41,10 +61,9 @@ class EngineInfo:
     eos_token_ids: list[int]
     limits: EngineLimits
     kv_capacity_tokens: int
-    features: dict[str, bool] = field(default_factory=dict)
+    features: EngineFeatures
 
     def to_proto(self, version: str) -> pb.InfoResponse:
-        lim = self.limits
         return pb.InfoResponse(
             model_id=self.model_id,
             engine=self.engine,
@@ -52,22 +71,17 @@ class EngineInfo:
             device=self.device,
             vocab_size=self.vocab_size,
             eos_token_ids=self.eos_token_ids,
-            limits=pb.Limits(
-                max_batch_size=lim.max_batch_size,
-                max_input_tokens=lim.max_input_tokens,
-                max_total_tokens=lim.max_total_tokens,
-                max_num_tokens=lim.max_num_tokens,
-                max_top_n_tokens=lim.max_top_n_tokens,
-            ),
+            limits=pb.Limits(**dataclasses.asdict(self.limits)),
             kv_capacity_tokens=self.kv_capacity_tokens,
-            features=pb.Features(**self.features),
+            features=pb.Features(**dataclasses.asdict(self.features)),
             executor_version=version,
         )
 
 
 @dataclass
 class Counters:
-    """Lifetime counters reported by Stats; updated from the engine's loop only."""
+    """Lifetime counters reported by Stats. Engines that update them from more than one
+    thread hold their own lock around the updates."""
 
     iterations: int = 0
     requests_received: int = 0
@@ -77,34 +91,55 @@ class Counters:
     tokens_generated: int = 0
     last_iteration_ms: float = 0.0
 
+    def to_proto(
+        self, active: int, queued: int, blocks_used: int, blocks_free: int, block_size: int
+    ) -> pb.StatsResponse:
+        return pb.StatsResponse(
+            active_requests=active,
+            queued_requests=queued,
+            kv_blocks_used=blocks_used,
+            kv_blocks_free=blocks_free,
+            kv_block_size=block_size,
+            last_iteration_ms=self.last_iteration_ms,
+            iterations=self.iterations,
+            requests_received=self.requests_received,
+            requests_finished=self.requests_finished,
+            requests_cancelled=self.requests_cancelled,
+            requests_failed=self.requests_failed,
+            tokens_generated=self.tokens_generated,
+        )
 
-def finished(request_id: int, reason: int, error: str = "") -> pb.RequestOutput:
-    return pb.RequestOutput(request_id=request_id, finish_reason=reason, error=error)
+
+def add_finished(batch: pb.IterationOutput, request_id: int, reason: int, error: str = "") -> None:
+    batch.outputs.add(request_id=request_id, finish_reason=reason, error=error)
 
 
 def check_request(req: pb.GenerateRequest, limits: EngineLimits) -> str | None:
     """The engine-side guard: the router validates first, but a request over the engine's
-    limits must fail with a message rather than break the engine."""
+    limits must fail with a message naming the limit rather than break the engine."""
     n = len(req.input_ids)
     if n == 0:
-        return "input_ids is empty"
+        return "input_ids is empty: a request needs at least one prompt token"
     if n > limits.max_input_tokens:
         return f"prompt has {n} tokens; the engine's max_input_tokens is {limits.max_input_tokens}"
     if req.max_new_tokens == 0:
-        return "max_new_tokens must be at least 1"
+        return "max_new_tokens is 0; it must be at least 1"
     if n + req.max_new_tokens > limits.max_total_tokens:
         return (
             f"prompt ({n}) + max_new_tokens ({req.max_new_tokens}) exceeds the engine's "
             f"max_total_tokens of {limits.max_total_tokens}"
         )
     if req.top_n_tokens > limits.max_top_n_tokens:
-        return f"top_n_tokens {req.top_n_tokens} exceeds {limits.max_top_n_tokens}"
+        return (
+            f"top_n_tokens is {req.top_n_tokens}; the engine's max_top_n_tokens is "
+            f"{limits.max_top_n_tokens}"
+        )
     return None
 
 
 class Engine(abc.ABC):
-    """Lifecycle: construct (loads), `start(emit)`, then `submit`/`cancel` from any thread,
-    `stats()` at any time, `shutdown()` once."""
+    """Lifecycle: construct (loads; raises EngineError), `start(emit)`, then `submit`/`cancel`
+    from any thread, `stats()`/`health()` at any time, `shutdown()` once."""
 
     def __init__(self) -> None:
         self.counters = Counters()
@@ -118,11 +153,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, requests: list[pb.GenerateRequest]) -> None:
-        """Queues requests. Ids are unique among live requests (the server maps them)."""
+        """Queues requests. Ids are unique among live requests (the server maps them). A request
+        the engine cannot run ends with a FINISH_REASON_ERROR output, never silence."""
 
     @abc.abstractmethod
     def cancel(self, request_ids: list[int]) -> None:
-        """Stops requests; each live one ends with a FINISH_REASON_CANCELLED output."""
+        """Stops requests; each live one ends with a FINISH_REASON_CANCELLED output. Unknown
+        ids are ignored."""
 
     @abc.abstractmethod
     def stats(self) -> pb.StatsResponse: ...
@@ -136,7 +173,7 @@ class Engine(abc.ABC):
 
 
 class Inbox:
-    """Requests and cancellations handed from the server's thread to the engine loop."""
+    """Requests and cancellations handed from the server's thread to an engine loop."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -1,8 +1,9 @@
 """The executor's gRPC server (grpcio.aio): Info, Health, Stats and the Generate stream.
 
 Request ids are the router's and unique per connection; the server maps them to engine-wide
-ids so that two connections can never collide, and cancels a connection's requests when its
-stream closes (the router died or restarted).
+ids so that two connections can never collide. A connection whose stream is cancelled (the
+router died or restarted) has its live requests cancelled in the engine; a connection that
+only half-closes (done sending) still gets every output of its live requests, then the end.
 """
 
 from __future__ import annotations
@@ -19,20 +20,27 @@ from pathlib import Path
 import grpc
 
 from tensorgate import __version__
-from tensorgate.executor.engine import Engine
+from tensorgate.executor.engine import Engine, add_finished
 from tensorgate.v1 import executor_pb2 as pb
 from tensorgate.v1 import executor_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tensorgate.executor")
 
-_CLOSED = None  # queue sentinel: the router's side of the stream ended
+_CLOSED = None  # queue sentinel: this connection's stream is over
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(eq=False)
 class _Connection:
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[pb.IterationOutput | None] = field(default_factory=asyncio.Queue)
     # router id -> engine id, for live requests only
     ids: dict[int, int] = field(default_factory=dict)
+    half_closed: bool = False
+
+    def close_if_done(self) -> None:
+        if self.half_closed and not self.ids:
+            self.queue.put_nowait(_CLOSED)
 
 
 class ExecutorService(pb_grpc.ExecutorServicer):
@@ -44,28 +52,53 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         self._engine_ids = itertools.count(1)
         # engine id -> (connection, router id)
         self._owners: dict[int, tuple[_Connection, int]] = {}
+        self._connections: set[_Connection] = set()
         self._iteration = 0
 
-    # Called from the engine's thread once per iteration.
-    def emit(self, outputs: list[pb.RequestOutput]) -> None:
-        self.loop.call_soon_threadsafe(self._route, outputs)
+    def emit(self, batch: pb.IterationOutput) -> None:
+        """The engine's `emit`: called from the engine's thread once per iteration."""
+        self.loop.call_soon_threadsafe(self._route, batch)
 
-    def _route(self, outputs: list[pb.RequestOutput]) -> None:
+    def _route(self, batch: pb.IterationOutput) -> None:
         self._iteration += 1
-        per_conn: dict[_Connection, list[pb.RequestOutput]] = {}
         owners = self._owners
-        for out in outputs:
+        conns: list[_Connection | None] = []
+        single: _Connection | None = None
+        mixed = False
+        for out in batch.outputs:
             owner = owners.get(out.request_id)
             if owner is None:
-                continue  # its connection is gone
+                conns.append(None)  # its connection is gone
+                mixed = True
+                continue
             conn, router_id = owner
             if out.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 del owners[out.request_id]
                 conn.ids.pop(router_id, None)
             out.request_id = router_id
-            per_conn.setdefault(conn, []).append(out)
-        for conn, outs in per_conn.items():
-            conn.queue.put_nowait(pb.IterationOutput(iteration=self._iteration, outputs=outs))
+            conns.append(conn)
+            if single is None:
+                single = conn
+            elif conn is not single:
+                mixed = True
+        if not mixed:
+            # The usual case (one router): forward the engine's message as it is.
+            if single is not None:
+                batch.iteration = self._iteration
+                single.queue.put_nowait(batch)
+                single.close_if_done()
+            return
+        per_conn: dict[_Connection, pb.IterationOutput] = {}
+        for out, conn in zip(batch.outputs, conns, strict=True):
+            if conn is None:
+                continue
+            msg = per_conn.get(conn)
+            if msg is None:
+                msg = per_conn[conn] = pb.IterationOutput(iteration=self._iteration)
+            msg.outputs.append(out)
+        for conn, msg in per_conn.items():
+            conn.queue.put_nowait(msg)
+            conn.close_if_done()
 
     async def Info(self, request, context):
         return self.engine.info().to_proto(__version__)
@@ -85,6 +118,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         # Headers first: the router's client waits for them before it starts reading.
         await context.send_initial_metadata(())
         conn = _Connection()
+        self._connections.add(conn)
         reader = asyncio.create_task(self._read(request_iterator, conn))
         try:
             while True:
@@ -93,6 +127,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                     break
                 yield item
         finally:
+            # Reached on a normal end and when grpc cancels this handler (the peer went away).
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -102,22 +137,40 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         try:
             async for cmd in commands:
                 if cmd.requests:
-                    for r in cmd.requests:
-                        engine_id = next(self._engine_ids)
-                        self._owners[engine_id] = (conn, r.id)
-                        conn.ids[r.id] = engine_id
-                        r.id = engine_id
-                    self.engine.submit(list(cmd.requests))
+                    self._submit(cmd.requests, conn)
                 if cmd.cancel_ids:
                     ids = [conn.ids[i] for i in cmd.cancel_ids if i in conn.ids]
                     if ids:
                         self.engine.cancel(ids)
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
-            pass
-        finally:
-            conn.queue.put_nowait(_CLOSED)
+        except grpc.aio.AioRpcError:
+            conn.queue.put_nowait(_CLOSED)  # the stream broke: treat it as the router gone
+            return
+        conn.half_closed = True
+        conn.close_if_done()
+
+    def _submit(self, requests, conn: _Connection) -> None:
+        accepted = []
+        for r in requests:
+            if r.id in conn.ids:
+                dup = pb.IterationOutput(iteration=self._iteration)
+                add_finished(
+                    dup,
+                    r.id,
+                    pb.FINISH_REASON_ERROR,
+                    f"request id {r.id} is already live on this connection",
+                )
+                conn.queue.put_nowait(dup)
+                continue
+            engine_id = next(self._engine_ids)
+            self._owners[engine_id] = (conn, r.id)
+            conn.ids[r.id] = engine_id
+            r.id = engine_id
+            accepted.append(r)
+        if accepted:
+            self.engine.submit(accepted)
 
     def _drop_connection(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
         live = list(conn.ids.values())
         for engine_id in live:
             self._owners.pop(engine_id, None)
@@ -126,35 +179,49 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             log.info("router stream closed: cancelling its %d live requests", len(live))
             self.engine.cancel(live)
 
+    def close_all(self) -> None:
+        """Ends every stream after what is already queued (used at shutdown)."""
+        for conn in list(self._connections):
+            conn.queue.put_nowait(_CLOSED)
+
+
+def _listen_private(server: grpc.aio.Server, uds_path: Path) -> None:
+    """Binds the unix socket (grpc creates the file here, at bind) under a 0177 umask, so it is
+    0600 from the start: only this user may talk to the executor, with no open window."""
+    uds_path.parent.mkdir(parents=True, exist_ok=True)
+    uds_path.unlink(missing_ok=True)
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{uds_path}")
+    finally:
+        os.umask(old_umask)
+
 
 async def serve(engine: Engine, uds_path: Path, port: int | None, stop: asyncio.Event) -> None:
+    """Serves `engine` until `stop` is set, then shuts the engine and the server down."""
     loop = asyncio.get_running_loop()
     service = ExecutorService(engine, loop)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
     pb_grpc.add_ExecutorServicer_to_server(service, server)
-    uds_path.unlink(missing_ok=True)
-    # Only this user may talk to the executor: the socket is created 0600.
-    old_umask = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{uds_path}")
-        if port:
-            # Opt-in only; loopback so that nothing listens on the network by default.
-            server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(uds_path, 0o600)
+    _listen_private(server, uds_path)
+    if port:
+        # Opt-in only, on loopback: nothing listens on the network by default.
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    os.chmod(uds_path, 0o600)  # in case the socket was created elsewhere than at bind
     engine.start(service.emit)
     service.ready = True
-    log.info("executor ready on unix:%s", uds_path)
+    log.info("executor ready on unix:%s%s", uds_path, f" and 127.0.0.1:{port}" if port else "")
     await stop.wait()
+    log.info("shutting down")
     service.ready = False
     service.not_ready_reason = "shutting down"
-    await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+    await loop.run_in_executor(None, engine.shutdown)
+    service.close_all()
     await server.stop(grace=5)
     uds_path.unlink(missing_ok=True)

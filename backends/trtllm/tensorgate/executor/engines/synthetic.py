@@ -1,7 +1,8 @@
 """A model-free engine with a fixed cadence: one token per active request per iteration.
 
-It exists to measure the stack alone, at the token rates TensorRT-LLM reaches. Token ids are
-deterministic (a function of request id and step) and never an eos id.
+It exists to measure the stack alone, at the token rates TensorRT-LLM reaches, so an iteration
+is built straight into one protobuf message. Token ids are deterministic (a function of request
+id and step) and never an eos id; requests beyond the batch capacity wait, FIFO.
 """
 
 from __future__ import annotations
@@ -10,29 +11,41 @@ import argparse
 import collections
 import threading
 import time
+from dataclasses import dataclass
 
 from tensorgate.executor.engine import (
     Emit,
     Engine,
+    EngineFeatures,
     EngineInfo,
     EngineLimits,
     Inbox,
+    add_finished,
     check_request,
-    finished,
 )
 from tensorgate.v1 import executor_pb2 as pb
 
 BLOCK_SIZE = 64
+_LENGTH = pb.FINISH_REASON_LENGTH
+_STOP = pb.FINISH_REASON_STOP_TOKEN
 
 
+@dataclass(slots=True)
 class _Active:
-    __slots__ = ("generated", "max_new", "prompt_len", "rid")
+    rid: int
+    prompt_len: int
+    max_new: int
+    stop: frozenset[int] | None
+    generated: int = 0
 
-    def __init__(self, rid: int, prompt_len: int, max_new: int) -> None:
-        self.rid = rid
-        self.prompt_len = prompt_len
-        self.max_new = max_new
-        self.generated = 0
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What Stats reads from another thread: published whole, never the live structures."""
+
+    active: int = 0
+    queued: int = 0
+    used_tokens: int = 0
 
 
 class SyntheticEngine(Engine):
@@ -45,22 +58,25 @@ class SyntheticEngine(Engine):
         vocab_size: int = 32000,
     ) -> None:
         super().__init__()
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
         self.period = iteration_ms / 1000.0
         self.vocab_size = vocab_size
         self.limits = EngineLimits(
             max_batch_size=max_batch_size,
-            max_input_tokens=max_input_tokens,
+            max_input_tokens=min(max_input_tokens, max_total_tokens - 1),
             max_total_tokens=max_total_tokens,
             max_num_tokens=max_batch_size * max_total_tokens,
         )
         self.inbox = Inbox()
         self.waiting: collections.deque[pb.GenerateRequest] = collections.deque()
         self.active: dict[int, _Active] = {}
-        self._snapshot = (0, 0, 0)
+        self._snapshot = _Snapshot()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Ordinary ids only: low ids are special tokens in most vocabularies.
         self._low = min(1000, vocab_size // 4)
+        self._span = vocab_size - self._low
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SyntheticEngine:
@@ -83,7 +99,7 @@ class SyntheticEngine(Engine):
             limits=self.limits,
             kv_capacity_tokens=self.limits.max_batch_size * self.limits.max_total_tokens,
             # It ignores sampling, so it claims none of it: the router refuses such requests.
-            features={},
+            features=EngineFeatures(stop_token_ids=True),
         )
 
     def start(self, emit: Emit) -> None:
@@ -97,49 +113,16 @@ class SyntheticEngine(Engine):
         self.inbox.put_cancels(request_ids)
 
     def token(self, rid: int, step: int) -> int:
-        return self._low + (rid * 7919 + step * 104729) % (self.vocab_size - self._low)
+        return self._low + (rid * 7919 + step * 104729) % self._span
 
     def _loop(self, emit: Emit) -> None:
-        c = self.counters
         next_tick = time.monotonic()
         while not self._stop.is_set():
             started = time.monotonic()
-            out: list[pb.RequestOutput] = []
-            self._take_inbox(out)
-            while self.waiting and len(self.active) < self.limits.max_batch_size:
-                r = self.waiting.popleft()
-                self.active[r.id] = _Active(r.id, len(r.input_ids), r.max_new_tokens)
-            done = []
-            for a in self.active.values():
-                tok = self.token(a.rid, a.generated)
-                a.generated += 1
-                if a.generated >= a.max_new:
-                    out.append(
-                        pb.RequestOutput(
-                            request_id=a.rid,
-                            token_ids=[tok],
-                            finish_reason=pb.FINISH_REASON_LENGTH,
-                        )
-                    )
-                    done.append(a.rid)
-                else:
-                    out.append(pb.RequestOutput(request_id=a.rid, token_ids=[tok]))
-            for rid in done:
-                del self.active[rid]
-            # Stats read this from another thread: publish a snapshot, never the live dict.
-            self._snapshot = (
-                len(self.active),
-                len(self.waiting),
-                sum(a.prompt_len + a.generated for a in self.active.values()),
-            )
-            c.requests_finished += len(done)
-            c.tokens_generated += len(self.active) + len(done)
-            if out:
-                emit(out)
-            c.iterations += 1
-            c.last_iteration_ms = (time.monotonic() - started) * 1000
+            self._iterate(emit)
+            self.counters.last_iteration_ms = (time.monotonic() - started) * 1000
             if not self.active and not self.waiting:
-                # Idle: sleep until work arrives rather than spinning at the cadence.
+                # Idle: sleep until work arrives rather than ticking at the cadence.
                 self.inbox.wake.wait(timeout=0.5)
                 next_tick = time.monotonic()
                 continue
@@ -148,58 +131,99 @@ class SyntheticEngine(Engine):
             if delay > 0:
                 self._stop.wait(delay)
             else:
-                next_tick = time.monotonic()
+                next_tick = time.monotonic()  # late: do not try to catch up in a burst
         self._fail_all(emit, "the executor is shutting down")
 
-    def _take_inbox(self, out: list[pb.RequestOutput]) -> None:
+    def _iterate(self, emit: Emit) -> None:
+        c = self.counters
+        batch = pb.IterationOutput()
+        self._take_inbox(batch)
+        while self.waiting and len(self.active) < self.limits.max_batch_size:
+            r = self.waiting.popleft()
+            stop = frozenset(r.stop_token_ids) if r.stop_token_ids else None
+            self.active[r.id] = _Active(r.id, len(r.input_ids), r.max_new_tokens, stop)
+        # The hot loop: field-by-field on `add()` is the cheapest way to build the message.
+        add = batch.outputs.add
+        low, span = self._low, self._span
+        done = []
+        for a in self.active.values():
+            step = a.generated
+            tok = low + (a.rid * 7919 + step * 104729) % span
+            a.generated = step + 1
+            out = add()
+            out.request_id = a.rid
+            out.token_ids.append(tok)
+            if a.stop is not None and tok in a.stop:
+                out.finish_reason = _STOP
+                done.append(a.rid)
+            elif a.generated >= a.max_new:
+                out.finish_reason = _LENGTH
+                done.append(a.rid)
+        stepped = len(self.active)
+        for rid in done:
+            del self.active[rid]
+        self._snapshot = _Snapshot(
+            active=len(self.active),
+            queued=len(self.waiting),
+            used_tokens=sum(a.prompt_len + a.generated for a in self.active.values()),
+        )
+        c.requests_finished += len(done)
+        c.tokens_generated += stepped
+        c.iterations += 1
+        if batch.outputs:
+            emit(batch)
+
+    def _take_inbox(self, batch: pb.IterationOutput) -> None:
         requests, cancels = self.inbox.drain()
+        c = self.counters
         for r in requests:
-            self.counters.requests_received += 1
+            c.requests_received += 1
             err = check_request(r, self.limits)
             if err:
-                self.counters.requests_failed += 1
-                out.append(finished(r.id, pb.FINISH_REASON_ERROR, err))
+                c.requests_failed += 1
+                add_finished(batch, r.id, pb.FINISH_REASON_ERROR, err)
             else:
                 self.waiting.append(r)
-        if cancels:
-            gone = set(cancels)
-            for rid in gone:
-                if self.active.pop(rid, None) is not None:
-                    self.counters.requests_cancelled += 1
-                    out.append(finished(rid, pb.FINISH_REASON_CANCELLED))
-            kept = [r for r in self.waiting if r.id not in gone]
+        if not cancels:
+            return
+        gone = set(cancels)
+        for rid in gone:
+            if self.active.pop(rid, None) is not None:
+                c.requests_cancelled += 1
+                add_finished(batch, rid, pb.FINISH_REASON_CANCELLED)
+        if self.waiting and any(r.id in gone for r in self.waiting):
+            kept: collections.deque[pb.GenerateRequest] = collections.deque()
             for r in self.waiting:
                 if r.id in gone:
-                    self.counters.requests_cancelled += 1
-                    out.append(finished(r.id, pb.FINISH_REASON_CANCELLED))
-            self.waiting = collections.deque(kept)
+                    c.requests_cancelled += 1
+                    add_finished(batch, r.id, pb.FINISH_REASON_CANCELLED)
+                else:
+                    kept.append(r)
+            self.waiting = kept
 
     def _fail_all(self, emit: Emit, message: str) -> None:
-        out = [finished(rid, pb.FINISH_REASON_ERROR, message) for rid in self.active]
-        out += [finished(r.id, pb.FINISH_REASON_ERROR, message) for r in self.waiting]
+        batch = pb.IterationOutput()
+        for rid in self.active:
+            add_finished(batch, rid, pb.FINISH_REASON_ERROR, message)
+        for r in self.waiting:
+            add_finished(batch, r.id, pb.FINISH_REASON_ERROR, message)
+        self.counters.requests_failed += len(batch.outputs)
         self.active.clear()
         self.waiting.clear()
-        if out:
-            emit(out)
+        self._snapshot = _Snapshot()
+        if batch.outputs:
+            emit(batch)
 
     def stats(self) -> pb.StatsResponse:
-        c = self.counters
-        active, queued, used_tokens = self._snapshot
+        snap = self._snapshot
         capacity_blocks = self.limits.max_batch_size * self.limits.max_total_tokens // BLOCK_SIZE
-        used_blocks = -(-used_tokens // BLOCK_SIZE)
-        return pb.StatsResponse(
-            active_requests=active,
-            queued_requests=queued,
-            kv_blocks_used=used_blocks,
-            kv_blocks_free=max(capacity_blocks - used_blocks, 0),
-            kv_block_size=BLOCK_SIZE,
-            last_iteration_ms=c.last_iteration_ms,
-            iterations=c.iterations,
-            requests_received=c.requests_received,
-            requests_finished=c.requests_finished,
-            requests_cancelled=c.requests_cancelled,
-            requests_failed=c.requests_failed,
-            tokens_generated=c.tokens_generated,
+        used_blocks = -(-snap.used_tokens // BLOCK_SIZE)
+        return self.counters.to_proto(
+            active=snap.active,
+            queued=snap.queued,
+            blocks_used=used_blocks,
+            blocks_free=max(capacity_blocks - used_blocks, 0),
+            block_size=BLOCK_SIZE,
         )
 
     def shutdown(self) -> None:

@@ -1,9 +1,10 @@
 """The transformers engine, on transformers' own continuous batching
-(`model.init_continuous_batching`): paged KV cache, streaming, cancellation. Runs on CPU
-(the embedded default) and on CUDA.
+(`model.init_continuous_batching`): paged KV cache, streaming, cancellation, prefix sharing.
+Runs on CPU (the embedded default) and on CUDA.
 
 One consumer thread takes the manager's streamed results, coalesces everything available into
-one batch per engine step and hands it to the server: O(steps) messages, no per-token text.
+one message per engine step and hands it to the server: O(steps) messages, no per-token text.
+Per-request sampling and logprobs are done by our own CB logits processor (see cb_sampling).
 """
 
 from __future__ import annotations
@@ -25,141 +26,205 @@ from tensorgate.executor.engine import (
     Emit,
     Engine,
     EngineError,
+    EngineFeatures,
     EngineInfo,
     EngineLimits,
+    add_finished,
     check_request,
-    finished,
 )
-from tensorgate.executor.engines.seeded_sampling import build_processor_list, request_kwargs
+from tensorgate.executor.engines.cb_sampling import LogprobBook, build_processor_list, row_spec
 from tensorgate.v1 import executor_pb2 as pb
 
 log = logging.getLogger("tensorgate.executor.transformers")
 
-PAGE_SIZE = 64
+DEFAULT_BLOCK_SIZE = 64
+MAX_TOP_N_TOKENS = 5
+CACHE_SETUP_TIMEOUT_S = 600.0
+
+_UNFINISHED = pb.FINISH_REASON_UNSPECIFIED
 
 
 @dataclass
 class _Live:
-    sent: int
+    """Engine-side state of one request; the manager keeps its own."""
+
+    sent: int  # generated tokens already emitted
     eos: frozenset[int]
     stop: frozenset[int]
-    max_new: int
+    logprobs: bool
+    top_n: int
+
+
+@dataclass(frozen=True)
+class TransformersSettings:
+    """Engine settings; None means derived from the model and the device."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_num_tokens: int | None = None
+    kv_cache_blocks: int | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
 
 
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise EngineError(f"--device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"--device {device} was asked for but torch sees no CUDA device")
-    return torch.device(device)
+    return resolved
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; fp32 is the safe CPU default.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            dtype
-        ]
-    except KeyError:
-        raise EngineError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise EngineError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return dtypes[dtype]
 
 
 def _eos_ids(model_dir: Path, config) -> list[int]:
-    ids: list[int] = []
     try:
-        gen = GenerationConfig.from_pretrained(model_dir)
-        raw = gen.eos_token_id
-    except OSError:
+        raw = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
         raw = None
     if raw is None:
         raw = getattr(config, "eos_token_id", None)
-    if isinstance(raw, int):
-        ids = [raw]
-    elif raw:
-        ids = [int(i) for i in raw]
+    if raw is None:
+        return []
+    ids = [raw] if isinstance(raw, int) else [int(i) for i in raw]
     return [i for i in ids if i >= 0]
 
 
+def _derive_limits(
+    s: TransformersSettings, max_positions: int, device: torch.device
+) -> tuple[EngineLimits, int]:
+    """Limits from the model's context and the CLI overrides, and the KV cache size in tokens
+    to ask for."""
+    cpu = device.type == "cpu"
+    total = min(s.max_total_tokens or min(max_positions, 4096), max_positions)
+    if total < 2:
+        raise EngineError(f"max_total_tokens is {total}: it must be at least 2")
+    batch = s.max_batch_size or (16 if cpu else 64)
+    max_input = min(s.max_input_tokens or total - 1, total - 1)
+    # Prefill chunk budget per step; longer prompts are prefilled in chunks.
+    num_tokens = s.max_num_tokens or min(max(total, 512), 2048 if cpu else 8192)
+    if s.kv_cache_blocks:
+        kv_tokens = s.kv_cache_blocks * s.block_size
+    else:
+        # Every batch slot can hold a quarter of the context (memory on CPU is shared with
+        # everything else); always room for one full-length request.
+        kv_tokens = max(batch * total // 4, total)
+    if kv_tokens < total:
+        raise EngineError(
+            f"the KV cache holds {kv_tokens} tokens, less than one request of max_total_tokens "
+            f"{total}: raise --kv-cache-blocks or lower --max-total-tokens"
+        )
+    limits = EngineLimits(
+        max_batch_size=batch,
+        max_input_tokens=max_input,
+        max_total_tokens=total,
+        max_num_tokens=num_tokens,
+        max_top_n_tokens=MAX_TOP_N_TOKENS,
+    )
+    return limits, kv_tokens
+
+
 class TransformersEngine(Engine):
-    def __init__(
-        self,
-        model_dir: Path,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_batch_size: int | None = None,
-        max_input_tokens: int | None = None,
-        max_total_tokens: int | None = None,
-        kv_cache_tokens: int | None = None,
-    ) -> None:
+    def __init__(self, model_dir: Path, settings: TransformersSettings | None = None) -> None:
         super().__init__()
+        s = settings or TransformersSettings()
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise EngineError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        if s.block_size < 4:
+            raise EngineError(f"--block-size {s.block_size}: it must be at least 4")
+        self.device = _resolve_device(s.device)
+        self.dtype = _resolve_dtype(s.dtype, self.device)
         config = AutoConfig.from_pretrained(model_dir)
+        self.model_id = str(model_dir)
+        self.vocab_size = int(config.vocab_size)
+        self.eos_ids = _eos_ids(model_dir, config)
+        max_positions = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        self.limits, kv_tokens = _derive_limits(s, max_positions, self.device)
+        self.block_size = s.block_size
+
         log.info("loading %s on %s as %s", model_dir, self.device, self.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=self.dtype, device_map=str(self.device)
         ).eval()
-        self.model_id = str(model_dir)
-        self.vocab_size = int(config.vocab_size)
-        self.eos_ids = _eos_ids(model_dir, config)
-
-        max_pos = int(getattr(config, "max_position_embeddings", 4096) or 4096)
-        total = min(max_total_tokens or min(max_pos, 4096), max_pos)
-        batch = max_batch_size or (16 if self.device.type == "cpu" else 64)
-        # Default cache: every slot of the batch can hold a quarter of the context on CPU
-        # (memory there is shared with everything else), the full context on GPU.
-        default_kv = batch * total // (4 if self.device.type == "cpu" else 1)
-        kv_tokens = max(kv_cache_tokens or default_kv, total)
-        self.num_blocks = -(-kv_tokens // PAGE_SIZE)
-        max_batch_tokens = min(max(total, 512), 2048 if self.device.type == "cpu" else 8192)
-        self.limits = EngineLimits(
-            max_batch_size=batch,
-            max_input_tokens=min(max_input_tokens or total - 1, total - 1),
-            max_total_tokens=total,
-            max_num_tokens=max_batch_tokens,
-        )
         gen_config = GenerationConfig(
-            do_sample=False,  # sampling is per request, see seeded_sampling
-            max_new_tokens=total,
+            do_sample=False,  # argmax mode: sampling is per request, in cb_sampling
+            max_new_tokens=self.limits.max_total_tokens,
             eos_token_id=self.eos_ids or -1,
             pad_token_id=self.eos_ids[0] if self.eos_ids else 0,
         )
         cb_config = ContinuousBatchingConfig(
-            page_size=PAGE_SIZE,
-            num_blocks=self.num_blocks,
-            max_batch_tokens=max_batch_tokens,
-            max_requests_per_batch=batch,
-            per_request_processors=True,
+            page_size=s.block_size,
+            num_blocks=-(-kv_tokens // s.block_size),
+            max_batch_tokens=self.limits.max_num_tokens,
+            max_requests_per_batch=self.limits.max_batch_size,
+            # Our processor runs Python per step and keys rows by (request, step) when the batch
+            # is prepared: that needs eager, synchronous steps.
             use_cuda_graph=False,
+            use_async_batching=False,
             seed=0,
         )
+        self.book = LogprobBook()
         self.manager = self.model.init_continuous_batching(
             generation_config=gen_config, continuous_batching_config=cb_config
         )
-        self.manager.logit_processor = build_processor_list(self.vocab_size)
+        # Replaced before the loop starts: the batch processor picks it up when it is created.
+        self.manager.logit_processor = build_processor_list(self.book)
+        self._start_manager()
+        cache = self.manager.batch_processor.cache
+        # The cache rounds up to whole sectors: report what was really allocated.
+        self.num_blocks = int(cache.num_blocks)
         self._live: dict[int, _Live] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _live and the counters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._emit: Emit | None = None
+
+    def _start_manager(self) -> None:
+        """Starts the CB loop now, so a cache that cannot be allocated fails the load (a clear
+        error and a non-zero exit) rather than the first request."""
+        self.manager.start()
+        deadline = time.monotonic() + CACHE_SETUP_TIMEOUT_S
+        while self.manager.batch_processor is None:
+            fatal = self.manager.background_thread_status.fatal_error
+            if fatal is not None or not self.manager.is_running():
+                raise EngineError(f"cannot set up continuous batching: {fatal or 'loop exited'}")
+            if time.monotonic() > deadline:
+                # Its thread is not a daemon: stop it, or it keeps the process alive.
+                self.manager.stop(block=False, hard_stop=True)
+                raise EngineError("continuous batching did not set up its KV cache in time")
+            time.sleep(0.01)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TransformersEngine:
         if args.model_id is None:
             raise EngineError("the transformers engine needs --model-id")
         return cls(
-            model_dir=args.model_id,
-            device=args.device,
-            dtype=args.dtype,
-            max_batch_size=args.max_batch_size,
-            max_input_tokens=args.max_input_tokens,
-            max_total_tokens=args.max_total_tokens,
-            kv_cache_tokens=getattr(args, "kv_cache_tokens", None),
+            args.model_id,
+            TransformersSettings(
+                device=args.device,
+                dtype=args.dtype,
+                max_batch_size=args.max_batch_size,
+                max_input_tokens=args.max_input_tokens,
+                max_total_tokens=args.max_total_tokens,
+                max_num_tokens=args.max_num_tokens,
+                kv_cache_blocks=args.kv_cache_blocks,
+                block_size=args.block_size or DEFAULT_BLOCK_SIZE,
+            ),
         )
 
     def info(self) -> EngineInfo:
@@ -167,67 +232,84 @@ class TransformersEngine(Engine):
             model_id=self.model_id,
             engine="transformers",
             dtype=str(self.dtype).removeprefix("torch."),
-            device=self.device.type,
+            device=str(self.device),
             vocab_size=self.vocab_size,
             eos_token_ids=self.eos_ids,
             limits=self.limits,
-            kv_capacity_tokens=self.num_blocks * PAGE_SIZE,
-            features={"seed": True, "top_k": True, "top_p": True, "stop_token_ids": True},
+            kv_capacity_tokens=self.num_blocks * self.block_size,
+            features=EngineFeatures(
+                logprobs=True,
+                top_n_tokens=True,
+                seed=True,
+                top_k=True,
+                top_p=True,
+                stop_token_ids=True,
+            ),
         )
 
     def start(self, emit: Emit) -> None:
         self._emit = emit
-        self.manager.start()
         self._thread = threading.Thread(target=self._consume, name="cb-consumer", daemon=True)
         self._thread.start()
 
     def submit(self, requests: list[pb.GenerateRequest]) -> None:
-        errors: list[pb.RequestOutput] = []
+        errors = pb.IterationOutput()
         for r in requests:
-            self.counters.requests_received += 1
             err = check_request(r, self.limits)
             if err is None:
-                stop = frozenset(r.stop_token_ids)
-                eos = frozenset() if r.ignore_eos else frozenset(self.eos_ids)
-                with self._lock:
-                    self._live[r.id] = _Live(0, eos, stop, r.max_new_tokens)
-                ends = sorted(eos | stop) or [-1]
-                added = self.manager.add_request(
-                    list(r.input_ids),
-                    request_id=str(r.id),
-                    max_new_tokens=r.max_new_tokens,
-                    streaming=True,
-                    eos_token_id=ends,
-                    **request_kwargs(r.sampling, self.vocab_size),
-                )
-                if added is None:
-                    with self._lock:
-                        self._live.pop(r.id, None)
-                    err = "the engine is not accepting requests (stopping or failed)"
+                err = self._add(r)
+            with self._lock:
+                self.counters.requests_received += 1
+                if err is not None:
+                    self.counters.requests_failed += 1
             if err is not None:
-                self.counters.requests_failed += 1
-                errors.append(finished(r.id, pb.FINISH_REASON_ERROR, err))
-        if errors and self._emit is not None:
+                add_finished(errors, r.id, pb.FINISH_REASON_ERROR, err)
+        if errors.outputs and self._emit is not None:
             self._emit(errors)
 
+    def _add(self, r: pb.GenerateRequest) -> str | None:
+        stop = frozenset(r.stop_token_ids)
+        eos = frozenset() if r.ignore_eos else frozenset(self.eos_ids)
+        key = str(r.id)
+        spec = row_spec(r.sampling, r.return_logprobs, r.top_n_tokens)
+        wants_logprobs = spec is not None and (spec.logprobs or spec.top_n > 0)
+        with self._lock:
+            self._live[r.id] = _Live(0, eos, stop, r.return_logprobs, r.top_n_tokens)
+        if wants_logprobs:
+            self.book.track(key)
+        added = self.manager.add_request(
+            list(r.input_ids),
+            request_id=key,
+            max_new_tokens=r.max_new_tokens,
+            streaming=True,
+            eos_token_id=sorted(eos | stop) or -1,
+            **({"row_spec": spec} if spec is not None else {}),
+        )
+        if added is None:
+            with self._lock:
+                self._live.pop(r.id, None)
+            self.book.forget(key)
+            return "the engine is not accepting requests (it is stopping or has failed)"
+        return None
+
     def cancel(self, request_ids: list[int]) -> None:
-        outs = []
+        batch = pb.IterationOutput()
         for rid in request_ids:
             with self._lock:
                 live = self._live.pop(rid, None)
-            if live is None:
-                continue
+                if live is None:
+                    continue  # unknown or already finished
+                self.counters.requests_cancelled += 1
             self.manager.cancel_request(str(rid))
-            self.counters.requests_cancelled += 1
-            outs.append(finished(rid, pb.FINISH_REASON_CANCELLED))
-        if outs and self._emit is not None:
-            self._emit(outs)
+            self.book.forget(str(rid))
+            add_finished(batch, rid, pb.FINISH_REASON_CANCELLED)
+        if batch.outputs and self._emit is not None:
+            self._emit(batch)
 
     def _consume(self) -> None:
         out_queue = self.manager.output_router.output_queue
         emit = self._emit
         assert emit is not None
-        c = self.counters
         while not self._stop.is_set():
             first = self.manager.get_result(timeout=0.1)
             if first is None:
@@ -237,98 +319,98 @@ class TransformersEngine(Engine):
                     return
                 continue
             started = time.monotonic()
+            # Everything already delivered belongs in this one message (one CB step, or more
+            # if we fell behind).
             results = [first]
             while True:
                 try:
                     results.append(out_queue.get_nowait())
                 except queue.Empty:
                     break
-            outputs = []
+            batch = pb.IterationOutput()
             for res in results:
-                output = self._to_output(res)
-                if output is not None:
-                    outputs.append(output)
-            if outputs:
-                emit(outputs)
-            c.iterations += 1
-            c.last_iteration_ms = (time.monotonic() - started) * 1000
+                self._add_output(batch, res)
+            if batch.outputs:
+                emit(batch)
+            with self._lock:
+                self.counters.iterations += 1
+                self.counters.last_iteration_ms = (time.monotonic() - started) * 1000
 
-    def _to_output(self, res) -> pb.RequestOutput | None:
+    def _add_output(self, batch: pb.IterationOutput, res) -> None:
         rid = int(res.request_id)
+        tokens = res.generated_tokens
         with self._lock:
             live = self._live.get(rid)
             if live is None:
-                return None  # cancelled: its CANCELLED output was already sent
-            tokens = res.generated_tokens
-            new = tokens[live.sent :]
+                return  # cancelled: its CANCELLED output was already sent
+            first = live.sent
+            new = tokens[first:]
             live.sent = len(tokens)
-            reason = pb.FINISH_REASON_UNSPECIFIED
-            error = ""
-            if res.status == RequestStatus.FAILED:
-                reason, error = pb.FINISH_REASON_ERROR, res.error or "generation failed"
-            elif res.status == RequestStatus.FINISHED:
-                last = tokens[-1] if tokens else -1
-                if last in live.stop:
-                    reason = pb.FINISH_REASON_STOP_TOKEN
-                elif last in live.eos:
-                    reason = pb.FINISH_REASON_EOS_TOKEN
-                else:
-                    reason = pb.FINISH_REASON_LENGTH
-            if reason != pb.FINISH_REASON_UNSPECIFIED:
+            reason, error = _finish_reason(res, tokens, live)
+            c = self.counters
+            c.tokens_generated += len(new)
+            if reason != _UNFINISHED:
                 del self._live[rid]
-        c = self.counters
-        c.tokens_generated += len(new)
-        if reason == pb.FINISH_REASON_ERROR:
-            c.requests_failed += 1
-        elif reason != pb.FINISH_REASON_UNSPECIFIED:
-            c.requests_finished += 1
-        if not new and reason == pb.FINISH_REASON_UNSPECIFIED:
-            return None
-        return pb.RequestOutput(request_id=rid, token_ids=new, finish_reason=reason, error=error)
+                if reason == pb.FINISH_REASON_ERROR:
+                    c.requests_failed += 1
+                else:
+                    c.requests_finished += 1
+        if not new and reason == _UNFINISHED:
+            return
+        out = batch.outputs.add(request_id=rid, token_ids=new, finish_reason=reason, error=error)
+        if new and (live.logprobs or live.top_n):
+            key = str(rid)
+            for lp in self.book.take(key, first, len(new)):
+                if lp is None:
+                    # Cannot happen for a tracked request; a visible NaN beats a shifted list.
+                    lp_value, top_ids, top_lps = float("nan"), [], []
+                else:
+                    lp_value, top_ids, top_lps = lp.logprob, lp.top_ids, lp.top_logprobs
+                if live.logprobs:
+                    out.logprobs.append(lp_value)
+                if live.top_n:
+                    out.top_tokens.add(ids=top_ids, logprobs=top_lps)
+            if reason != _UNFINISHED:
+                self.book.forget(key)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             ids = list(self._live)
             self._live.clear()
-        self.counters.requests_failed += len(ids)
-        if ids and self._emit is not None:
-            self._emit([finished(i, pb.FINISH_REASON_ERROR, message) for i in ids])
+            self.counters.requests_failed += len(ids)
+        batch = pb.IterationOutput()
+        for rid in ids:
+            self.book.forget(str(rid))
+            add_finished(batch, rid, pb.FINISH_REASON_ERROR, message)
+        if batch.outputs and self._emit is not None:
+            self._emit(batch)
 
     def health(self) -> tuple[bool, str]:
         fatal = self.manager.background_thread_status.fatal_error
         if fatal is not None:
             return False, f"engine failed: {fatal}"
         if not self.manager.is_running():
-            return False, "continuous batching loop is not running"
+            return False, "the continuous batching loop is not running"
         return True, ""
 
     def stats(self) -> pb.StatsResponse:
-        c = self.counters
+        processor = self.manager.batch_processor
+        queued = self.manager.input_queue.qsize()
+        free = self.num_blocks
+        if processor is not None:
+            # Read without the CB thread's cooperation: len() and a free-list count are
+            # consistent enough for a gauge.
+            queued += len(processor.scheduler.waiting_requests)
+            free = min(round(processor.cache.compute_free_capacity(relative=True) * free), free)
         with self._lock:
             live = len(self._live)
-        scheduler = getattr(getattr(self.manager, "batch_processor", None), "scheduler", None)
-        queued = len(getattr(scheduler, "waiting_requests", {}) or {}) if scheduler else 0
-        cache = getattr(getattr(self.manager, "batch_processor", None), "cache", None)
-        free = self.num_blocks
-        if cache is not None:
-            try:
-                free = round(cache.compute_free_capacity(relative=True) * self.num_blocks)
-            except Exception:
-                free = self.num_blocks
-        return pb.StatsResponse(
-            active_requests=max(live - queued, 0),
-            queued_requests=queued,
-            kv_blocks_used=max(self.num_blocks - free, 0),
-            kv_blocks_free=free,
-            kv_block_size=PAGE_SIZE,
-            last_iteration_ms=c.last_iteration_ms,
-            iterations=c.iterations,
-            requests_received=c.requests_received,
-            requests_finished=c.requests_finished,
-            requests_cancelled=c.requests_cancelled,
-            requests_failed=c.requests_failed,
-            tokens_generated=c.tokens_generated,
-        )
+            return self.counters.to_proto(
+                active=max(live - queued, 0),
+                queued=min(queued, live),
+                blocks_used=self.num_blocks - free,
+                blocks_free=free,
+                block_size=self.block_size,
+            )
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -336,3 +418,16 @@ class TransformersEngine(Engine):
             self._thread.join(timeout=5)
         self._fail_all("the executor is shutting down")
         self.manager.stop(block=True, timeout=10, hard_stop=True)
+
+
+def _finish_reason(res, tokens: list[int], live: _Live) -> tuple[int, str]:
+    if res.status == RequestStatus.FAILED:
+        return pb.FINISH_REASON_ERROR, res.error or "generation failed"
+    if res.status != RequestStatus.FINISHED:
+        return _UNFINISHED, ""
+    last = tokens[-1] if tokens else -1
+    if last in live.stop:
+        return pb.FINISH_REASON_STOP_TOKEN, ""
+    if last in live.eos:
+        return pb.FINISH_REASON_EOS_TOKEN, ""
+    return pb.FINISH_REASON_LENGTH, ""
