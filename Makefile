@@ -22,6 +22,7 @@ install-test:
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	hadolint Dockerfile_trtllm .devcontainer/Dockerfile
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 

@@ -80,3 +80,48 @@ class Collector:
 @pytest.fixture
 def collector() -> Collector:
     return Collector()
+
+
+# --- TensorRT-LLM: the TEST DOUBLE of its bindings and engine-directory fixtures -------------
+
+TESTS_DIR = Path(__file__).parent
+TRTLLM_DOUBLES = TESTS_DIR / "doubles"
+TRTLLM_ENGINES = TESTS_DIR / "fixtures" / "trtllm_engines"
+
+
+def _drop_tensorrt_llm_modules() -> None:
+    import sys
+
+    for name in [n for n in sys.modules if n == "tensorrt_llm" or n.startswith("tensorrt_llm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def trtllm_double(monkeypatch: pytest.MonkeyPatch):
+    """Puts the TEST DOUBLE of `tensorrt_llm` (tests/doubles, NOT TensorRT-LLM) into
+    sys.modules for one test and yields its `tensorrt_llm.bindings.executor` module."""
+    _drop_tensorrt_llm_modules()
+    monkeypatch.syspath_prepend(str(TRTLLM_DOUBLES))
+    import tensorrt_llm.bindings.executor as double
+
+    assert double.IS_TEST_DOUBLE
+    double.reset()
+    yield double
+    double.reset()
+    _drop_tensorrt_llm_modules()
+
+
+def make_trtllm_engine_dir(
+    dest: Path, source: str = "llama-tp1-bf16", **build_config: object
+) -> Path:
+    """A copy of a fixture engine directory with some build_config fields replaced."""
+    import json
+    import shutil
+
+    d = dest / source
+    shutil.copytree(TRTLLM_ENGINES / source, d)
+    if build_config:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["build_config"].update(build_config)
+        (d / "config.json").write_text(json.dumps(cfg, indent=4))
+    return d

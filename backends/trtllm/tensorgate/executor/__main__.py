@@ -32,6 +32,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, help="transformers: tokens per KV block (64)")
     p.add_argument("--iteration-ms", type=float, help="synthetic: time per iteration (20)")
     p.add_argument("--vocab-size", type=int, help="synthetic: vocabulary size (32000)")
+    p.add_argument(
+        "--tokenizer-name", type=Path, help="trtllm: dir with generation_config.json (eos/pad ids)"
+    )
+    p.add_argument(
+        "--kv-cache-free-gpu-memory-fraction",
+        type=float,
+        help="trtllm: share of free GPU memory for the KV cache (0.9)",
+    )
+    p.add_argument(
+        "--enable-kv-block-reuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trtllm: KV cache prefix reuse (on)",
+    )
+    p.add_argument(
+        "--capacity-scheduler-policy",
+        choices=("guaranteed_no_evict", "max_utilization"),
+        help="trtllm: scheduler policy",
+    )
     args = p.parse_args(argv)
     for name in (
         "max_batch_size",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tensorgate.executor.engine import Engine, EngineError
+from tensorgate.executor.engine import Engine
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
@@ -17,8 +17,9 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
         return TransformersEngine.from_args(args)
     if args.engine == "trtllm":
-        raise EngineError(
-            "the trtllm engine is not part of this build yet; serve a Hugging Face checkpoint "
-            "with --engine transformers"
-        )
+        # Imports tensorrt_llm only when it starts: a missing TensorRT-LLM is an EngineError
+        # that names the container image to use, not a traceback.
+        from tensorgate.executor.engines.trtllm_engine import TrtllmEngine
+
+        return TrtllmEngine.from_args(args)
     raise ValueError(f"unknown engine {args.engine!r}")

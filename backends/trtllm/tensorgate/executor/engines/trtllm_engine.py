@@ -1,0 +1,654 @@
+"""The TensorRT-LLM engine: `tensorrt_llm.bindings.executor.Executor` over a precompiled engine
+directory (built by `trtllm-build`, `optimum-cli export trtllm` or scripts/build-engine).
+
+Every TensorRT-LLM name used here is the one its Python bindings define; the source of each is
+cited next to its use and listed in docs/trtllm.md ("TRT-LLM" below is NVIDIA/TensorRT-LLM,
+`cpp/tensorrt_llm/nanobind/executor/`, which replaced the same-named `pybind/` files in 1.x).
+This engine is tested against a test double of those bindings (backends/trtllm/tests/doubles),
+not on a GPU.
+
+Threads: `submit` and `cancel` run on the server's thread and call `enqueue_requests` /
+`cancel_request` directly (the executor is thread-safe); ONE consumer thread blocks in
+`await_responses(timeout)`, and turns everything that call returned into one IterationOutput:
+O(engine steps) messages. TensorRT-LLM's own request ids are mapped to the server's ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from tensorgate.executor.engine import (
+    Emit,
+    Engine,
+    EngineError,
+    EngineFeatures,
+    EngineInfo,
+    EngineLimits,
+    add_finished,
+    check_request,
+)
+from tensorgate.executor.engines.trtllm_config import (
+    LimitOverrides,
+    TrtllmEngineConfig,
+    check_gpus,
+    load_engine_config,
+    visible_gpu_count,
+)
+from tensorgate.v1 import executor_pb2 as pb
+
+log = logging.getLogger("tensorgate.executor.trtllm")
+
+RELEASE_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release"
+MISSING_TRTLLM = (
+    "the trtllm engine needs TensorRT-LLM, which is not installed in this Python ({error}). "
+    "TensorRT-LLM is not installable from PyPI alone: run tensorgate in the container built from "
+    f"this repository's Dockerfile_trtllm (based on NVIDIA's {RELEASE_IMAGE}:<tag> image), e.g. "
+    "`docker build -f Dockerfile_trtllm -t tensorgate-trtllm . && docker run --gpus all "
+    "--shm-size 1g -p 3000:3000 -v $ENGINES:/data tensorgate-trtllm --model-id /data "
+    "--tokenizer-name /data`, or install tensorgate inside "
+    f"{RELEASE_IMAGE}:<tag>. See docs/trtllm.md."
+)
+
+DEFAULT_FREE_GPU_MEMORY_FRACTION = 0.9
+AWAIT_TIMEOUT = datetime.timedelta(milliseconds=100)
+
+_UNFINISHED = pb.FINISH_REASON_UNSPECIFIED
+_POLICIES = ("guaranteed_no_evict", "max_utilization")
+
+
+def import_bindings() -> ModuleType:
+    """`tensorrt_llm.bindings.executor`, or an EngineError that says which image to use."""
+    try:
+        import tensorrt_llm.bindings.executor as trtllm
+    except ImportError as e:
+        # Also a TensorRT-LLM whose native libraries (libmpi, libnvinfer, CUDA) do not load.
+        raise EngineError(MISSING_TRTLLM.format(error=f"{type(e).__name__}: {e}")) from None
+    return trtllm
+
+
+@dataclass(frozen=True)
+class TrtllmSettings:
+    """Engine settings; None means "as the engine was built"."""
+
+    max_batch_size: int | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    # KvCacheConfig(free_gpu_memory_fraction=...): share of the GPU memory left after loading
+    # the weights that the paged KV cache takes.
+    kv_cache_free_gpu_memory_fraction: float = DEFAULT_FREE_GPU_MEMORY_FRACTION
+    # KvCacheConfig(enable_block_reuse=...): prefix caching across requests.
+    enable_kv_block_reuse: bool = True
+    capacity_scheduler_policy: str = "guaranteed_no_evict"
+    # Where to read eos/pad ids (generation_config.json, config.json); default: engine dir.
+    tokenizer_dir: Path | None = None
+    eos_token_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class _Live:
+    """One request in flight: its server id, what ends it, what it asked for."""
+
+    rid: int
+    end_id: int  # -1: none
+    eos: frozenset[int]
+    stop: frozenset[int]
+    logprobs: bool
+    max_new: int
+    generated: int = 0
+    last_token: int = -1
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value: object) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value] if value >= 0 else []
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    return []
+
+
+def special_ids(engine_dir: Path, tokenizer_dir: Path | None) -> tuple[list[int], int | None]:
+    """eos ids and pad id of the model: generation_config.json, then the checkpoint's
+    config.json (a TensorRT-LLM engine config.json has neither). scripts/build-engine copies
+    generation_config.json into the engine directory."""
+    eos: list[int] = []
+    pad: int | None = None
+    for d in (tokenizer_dir, engine_dir):
+        if d is None or not Path(d).is_dir():
+            continue
+        for name in ("generation_config.json", "config.json"):
+            data = _read_json(Path(d) / name)
+            if not eos:
+                eos = _ids(data.get("eos_token_id"))
+            if pad is None:
+                p = _ids(data.get("pad_token_id"))
+                pad = p[0] if p else None
+        if eos:
+            break
+    return eos, pad
+
+
+class TrtllmEngine(Engine):
+    def __init__(
+        self,
+        engine_dir: Path,
+        settings: TrtllmSettings | None = None,
+        *,
+        gpu_count: Callable[[], int] = visible_gpu_count,
+    ) -> None:
+        super().__init__()
+        s = settings or TrtllmSettings()
+        if s.capacity_scheduler_policy not in _POLICIES:
+            raise EngineError(
+                f"capacity scheduler policy {s.capacity_scheduler_policy!r}: use one of "
+                f"{', '.join(_POLICIES)}"
+            )
+        if not 0.0 < s.kv_cache_free_gpu_memory_fraction <= 1.0:
+            raise EngineError(
+                "--kv-cache-free-gpu-memory-fraction must be in (0, 1], got "
+                f"{s.kv_cache_free_gpu_memory_fraction}"
+            )
+        self.config: TrtllmEngineConfig = load_engine_config(Path(engine_dir))
+        self.limits: EngineLimits = self.config.limits(
+            LimitOverrides(s.max_batch_size, s.max_input_tokens, s.max_total_tokens)
+        )
+        # TensorRT-LLM first: on a machine without it, that is the error worth reading.
+        trtllm = import_bindings()
+        check_gpus(self.config, gpu_count)
+        self._t = trtllm
+        self.model_id = str(engine_dir)
+
+        eos, pad = special_ids(self.config.engine_dir, s.tokenizer_dir)
+        if s.eos_token_ids is not None:
+            eos = list(s.eos_token_ids)
+        if not eos:
+            log.warning(
+                "no eos_token_id found (generation_config.json in %s%s): requests end only at "
+                "max_new_tokens or a stop token; pass --tokenizer-name with the checkpoint",
+                self.config.engine_dir,
+                f" or {s.tokenizer_dir}" if s.tokenizer_dir else "",
+            )
+        self.eos_ids = eos
+        self.pad_id = pad if pad is not None else (eos[0] if eos else None)
+
+        # ExecutorConfig / SchedulerConfig / KvCacheConfig / CapacitySchedulerPolicy:
+        # TRT-LLM executorConfig.cpp and bindings.cpp. max_beam_width=1: no beam search.
+        policy = {
+            "guaranteed_no_evict": trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT,
+            "max_utilization": trtllm.CapacitySchedulerPolicy.MAX_UTILIZATION,
+        }[s.capacity_scheduler_policy]
+        executor_config = trtllm.ExecutorConfig(
+            max_beam_width=1,
+            scheduler_config=trtllm.SchedulerConfig(capacity_scheduler_policy=policy),
+            kv_cache_config=trtllm.KvCacheConfig(
+                enable_block_reuse=s.enable_kv_block_reuse,
+                free_gpu_memory_fraction=s.kv_cache_free_gpu_memory_fraction,
+            ),
+            # Only a tighter limit than the engine's is passed; None keeps the engine's.
+            max_batch_size=(
+                self.limits.max_batch_size
+                if self.limits.max_batch_size < self.config.max_batch_size
+                else None
+            ),
+        )
+        log.info(
+            "loading TensorRT-LLM engine %s (%s, %s, tp %d pp %d)",
+            engine_dir,
+            self.config.architecture,
+            self.config.dtype,
+            self.config.mapping.tp_size,
+            self.config.mapping.pp_size,
+        )
+        try:
+            # Executor(model_path, model_type, executor_config): TRT-LLM executor.cpp.
+            self._executor = trtllm.Executor(
+                Path(engine_dir), trtllm.ModelType.DECODER_ONLY, executor_config
+            )
+        except Exception as e:  # the bindings raise RuntimeError for any C++ exception
+            raise EngineError(
+                f"TensorRT-LLM could not load the engine in {engine_dir}: {e}"
+            ) from None
+        # In MPI leader mode only rank 0 takes requests (can_enqueue_requests: executor.cpp).
+        self.is_leader = bool(self._executor.can_enqueue_requests())
+
+        self._lock = threading.Lock()  # guards the maps, the counters and the stats snapshot
+        self._live: dict[int, _Live] = {}  # server id -> state
+        self._by_trt: dict[int, int] = {}  # TensorRT-LLM id -> server id
+        self._trt_of: dict[int, int] = {}  # server id -> TensorRT-LLM id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._emit: Emit | None = None
+        self._fatal: str | None = None
+        self._kv = (0, 0, 0, 0)  # max, used, free blocks, tokens per block
+        self._queued = 0
+        self._engine_latency = False
+        self._shut = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrtllmEngine:
+        if args.model_id is None:
+            raise EngineError("the trtllm engine needs --model-id ENGINE_DIR")
+        # Flags the executor may not define yet are read with their defaults.
+        fraction = getattr(args, "kv_cache_free_gpu_memory_fraction", None)
+        reuse = getattr(args, "enable_kv_block_reuse", None)
+        tokenizer = getattr(args, "tokenizer_name", None)
+        engine = cls(
+            Path(args.model_id),
+            TrtllmSettings(
+                max_batch_size=args.max_batch_size,
+                max_input_tokens=args.max_input_tokens,
+                max_total_tokens=args.max_total_tokens,
+                kv_cache_free_gpu_memory_fraction=(
+                    DEFAULT_FREE_GPU_MEMORY_FRACTION if fraction is None else fraction
+                ),
+                enable_kv_block_reuse=True if reuse is None else bool(reuse),
+                capacity_scheduler_policy=getattr(args, "capacity_scheduler_policy", None)
+                or "guaranteed_no_evict",
+                tokenizer_dir=Path(tokenizer) if tokenizer else None,
+            ),
+        )
+        if not engine.is_leader:
+            engine.run_worker_rank()
+            # A worker rank never serves gRPC: rank 0 does. Exit cleanly once it is done.
+            raise SystemExit(0)
+        return engine
+
+    def run_worker_rank(self) -> None:
+        """MPI ranks other than 0 (leader mode): the Executor they built takes part in every
+        step; `shutdown()` returns once the leader has shut down."""
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMIX_RANK") or "?"
+        log.info("MPI rank %s: worker of the TensorRT-LLM executor; rank 0 serves", rank)
+        self._executor.shutdown()
+
+    # -- Engine interface -----------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        self._refresh_stats()
+        m = self.config.mapping
+        device = (
+            "cuda"
+            if m.world_size == 1
+            else f"cuda x{m.world_size} (tp {m.tp_size}, pp {m.pp_size})"
+        )
+        with self._lock:
+            max_blocks, _, _, per_block = self._kv
+        return EngineInfo(
+            model_id=self.model_id,
+            engine="trtllm",
+            dtype=self.config.quant_algo.lower() if self.config.quant_algo else self.config.dtype,
+            device=device,
+            vocab_size=self.config.vocab_size,
+            eos_token_ids=list(self.eos_ids),
+            limits=self.limits,
+            # Known from the executor's KV cache stats once it has run an iteration.
+            kv_capacity_tokens=max_blocks * per_block,
+            features=EngineFeatures(
+                logprobs=True,  # OutputConfig(return_log_probs=True), Result.log_probs
+                top_n_tokens=False,  # the Result has no alternatives per position
+                seed=True,  # SamplingConfig(seed=...)
+                top_k=True,
+                top_p=True,
+                typical_p=False,  # SamplingConfig has no typical_p (request.cpp)
+                repetition_penalty=True,
+                frequency_penalty=True,
+                presence_penalty=True,
+                stop_token_ids=True,  # Request(stop_words=[[id], ...])
+                guided_decoding=False,  # needs a GuidedDecodingConfig with the tokenizer
+            ),
+        )
+
+    def start(self, emit: Emit) -> None:
+        self._emit = emit
+        self._thread = threading.Thread(target=self._consume, name="trtllm-responses", daemon=True)
+        self._thread.start()
+
+    def submit(self, requests: list[pb.GenerateRequest]) -> None:
+        errors = pb.IterationOutput()
+        ready: list[tuple[pb.GenerateRequest, _Live, object]] = []
+        for r in requests:
+            err = check_request(r, self.limits)
+            if err is None and r.id in self._live:
+                err = f"request id {r.id} is already in flight"
+            live = req = None
+            if err is None:
+                try:
+                    live, req = self._to_trtllm(r)
+                except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                    err = f"TensorRT-LLM refused the request's parameters: {e}"
+            if err is None:
+                ready.append((r, live, req))
+            else:
+                add_finished(errors, r.id, pb.FINISH_REASON_ERROR, err)
+        with self._lock:
+            self.counters.requests_received += len(requests)
+            self.counters.requests_failed += len(errors.outputs)
+            if ready:
+                self._enqueue(ready, errors)
+        if errors.outputs and self._emit is not None:
+            self._emit(errors)
+
+    def _enqueue(self, ready: list, errors: pb.IterationOutput) -> None:
+        """Under the lock, so that the consumer never sees a TensorRT-LLM id it cannot map."""
+        if self._fatal is not None or self._shut:
+            reason = self._fatal or "the executor is shutting down"
+            for r, _, _ in ready:
+                add_finished(errors, r.id, pb.FINISH_REASON_ERROR, reason)
+            self.counters.requests_failed += len(ready)
+            return
+        try:
+            # enqueue_requests(requests) -> list of ids: TRT-LLM executor.cpp.
+            trt_ids: list[int | str] = list(
+                self._executor.enqueue_requests([req for _, _, req in ready])
+            )
+        except Exception:
+            # One bad request fails the whole call: find it by enqueueing one at a time.
+            trt_ids = []
+            for _, _, req in ready:
+                try:
+                    trt_ids.append(self._executor.enqueue_request(req))
+                except Exception as e:
+                    trt_ids.append(f"TensorRT-LLM refused the request: {e}")
+        for (r, live, _), tid in zip(ready, trt_ids, strict=True):
+            if isinstance(tid, str):
+                add_finished(errors, r.id, pb.FINISH_REASON_ERROR, tid)
+                self.counters.requests_failed += 1
+                continue
+            self._live[r.id] = live
+            self._by_trt[tid] = r.id
+            self._trt_of[r.id] = tid
+
+    def _to_trtllm(self, r: pb.GenerateRequest) -> tuple[_Live, object]:
+        t = self._t
+        s = r.sampling
+        kwargs: dict[str, object] = {}
+        if s.do_sample:
+            # TensorRT-LLM samples greedily when top_k and top_p are both unset (its C++
+            # defaults are 0): top_p=1.0 keeps full-distribution sampling.
+            kwargs["temperature"] = s.temperature if s.temperature > 0 else 1.0
+            kwargs["top_p"] = s.top_p if 0.0 < s.top_p <= 1.0 else 1.0
+            if s.top_k > 0:
+                kwargs["top_k"] = s.top_k
+            if s.HasField("seed"):
+                kwargs["seed"] = s.seed
+        else:
+            kwargs["top_k"] = 1  # greedy
+        if s.typical_p and s.typical_p < 1.0:
+            raise ValueError("typical_p is not supported by TensorRT-LLM's SamplingConfig")
+        if s.repetition_penalty and s.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = s.repetition_penalty
+        if s.frequency_penalty:
+            kwargs["frequency_penalty"] = s.frequency_penalty
+        if s.presence_penalty:
+            kwargs["presence_penalty"] = s.presence_penalty
+        # SamplingConfig(beam_width, *, top_k, top_p, seed, temperature, ...): request.cpp.
+        sampling = t.SamplingConfig(1, **kwargs)
+
+        stop = frozenset(r.stop_token_ids)
+        eos = frozenset() if r.ignore_eos else frozenset(self.eos_ids)
+        # One end id; every other eos id and every stop id is a one-token stop word.
+        end_id = -1 if r.ignore_eos or not self.eos_ids else self.eos_ids[0]
+        words = sorted((eos | stop) - {end_id})
+        live = _Live(r.id, end_id, eos, stop, r.return_logprobs, r.max_new_tokens)
+        # Request(input_token_ids, max_tokens, *, streaming, sampling_config, output_config,
+        # end_id, pad_id, stop_words, ...): request.cpp. end_id=-1 disables the end token, as
+        # TensorRT-LLM's own LLM API does for ignore_eos (tensorrt_llm/executor/base_worker.py).
+        req = t.Request(
+            input_token_ids=list(r.input_ids),
+            max_tokens=r.max_new_tokens,
+            streaming=True,
+            sampling_config=sampling,
+            output_config=t.OutputConfig(return_log_probs=r.return_logprobs),
+            end_id=end_id,
+            pad_id=self.pad_id if self.pad_id is not None else None,
+            stop_words=[[w] for w in words] or None,
+        )
+        return live, req
+
+    def cancel(self, request_ids: list[int]) -> None:
+        batch = pb.IterationOutput()
+        with self._lock:
+            for rid in request_ids:
+                if self._live.pop(rid, None) is None:
+                    continue  # unknown or already finished
+                tid = self._trt_of.pop(rid)
+                # Later responses for it (CANCELLED, or tokens already in flight) are dropped.
+                self._by_trt.pop(tid, None)
+                self.counters.requests_cancelled += 1
+                add_finished(batch, rid, pb.FINISH_REASON_CANCELLED)
+                try:
+                    self._executor.cancel_request(tid)  # executor.cpp
+                except Exception as e:
+                    log.warning("cancel_request(%s) failed: %s", tid, e)
+        if batch.outputs and self._emit is not None:
+            self._emit(batch)
+
+    # -- the consumer thread ----------------------------------------------------------------------
+
+    def _consume(self) -> None:
+        emit = self._emit
+        assert emit is not None
+        while not self._stop.is_set():
+            try:
+                # await_responses(timeout) -> every response ready now: executor.cpp.
+                responses = self._executor.await_responses(timeout=AWAIT_TIMEOUT)
+            except Exception as e:
+                if self._stop.is_set():
+                    return
+                self._fatal = f"the TensorRT-LLM executor failed: {e}"
+                log.error("%s", self._fatal)
+                self._fail_all(self._fatal)
+                return
+            if not responses:
+                continue
+            started = time.monotonic()
+            batch = self._coalesce(responses)
+            if batch.outputs:
+                emit(batch)
+            with self._lock:
+                self.counters.iterations += 1
+                if not self._engine_latency:
+                    # Until the executor's own iteration latency is known (stats), the time
+                    # this loop spent on the batch.
+                    self.counters.last_iteration_ms = (time.monotonic() - started) * 1000
+
+    def _coalesce(self, responses: list) -> pb.IterationOutput:
+        """All responses of one await, as one message with one output per request."""
+        batch = pb.IterationOutput()
+        outs: dict[int, pb.RequestOutput] = {}
+        with self._lock:
+            c = self.counters
+            for resp in responses:
+                rid = self._by_trt.get(resp.request_id)
+                if rid is None:
+                    if resp.has_error():
+                        log.warning(
+                            "error for unknown request %s: %s", resp.request_id, resp.error_msg
+                        )
+                    continue  # cancelled, or not ours
+                live = self._live[rid]
+                out = outs.get(rid)
+                if out is None:
+                    out = outs[rid] = batch.outputs.add(request_id=rid)
+                if resp.has_error():
+                    out.finish_reason = pb.FINISH_REASON_ERROR
+                    out.error = resp.error_msg or "TensorRT-LLM reported an error"
+                    self._forget(rid, resp.request_id)
+                    c.requests_failed += 1
+                    continue
+                result = resp.result
+                new = list(result.output_token_ids[0]) if result.output_token_ids else []
+                out.token_ids.extend(new)
+                if live.logprobs and new:
+                    out.logprobs.extend(_tail_logprobs(result, len(new)))
+                if new:
+                    live.last_token = new[-1]
+                    live.generated += len(new)
+                c.tokens_generated += len(new)
+                if not result.is_final:
+                    continue
+                reason, by_end_id = self._finish_reason(result, live)
+                if by_end_id and live.end_id >= 0 and live.last_token != live.end_id:
+                    # TensorRT-LLM does not return the end token; TGI and the other engines
+                    # include it, so it is added here.
+                    out.token_ids.append(live.end_id)
+                    if live.logprobs:
+                        out.logprobs.append(0.0)
+                    c.tokens_generated += 1
+                out.finish_reason = reason
+                self._forget(rid, resp.request_id)
+                if reason == pb.FINISH_REASON_CANCELLED:
+                    c.requests_cancelled += 1
+                else:
+                    c.requests_finished += 1
+        # A request whose responses carried nothing new (possible with an empty final result
+        # that was dropped above) must not appear as an empty, unfinished output.
+        for rid, out in list(outs.items()):
+            if not out.token_ids and out.finish_reason == _UNFINISHED:
+                del outs[rid]
+        if len(outs) != len(batch.outputs):
+            kept = pb.IterationOutput()
+            kept.outputs.extend(outs.values())
+            return kept
+        return batch
+
+    def _finish_reason(self, result, live: _Live) -> tuple[int, bool]:
+        """Our finish reason, and whether TensorRT-LLM ended it on the request's end_id."""
+        t = self._t
+        # Result.finish_reasons (one per beam) and FinishReason: request.cpp.
+        reasons = getattr(result, "finish_reasons", None)
+        reason = reasons[0] if reasons else None
+        if reason == t.FinishReason.END_ID:
+            return pb.FINISH_REASON_EOS_TOKEN, True
+        if reason == t.FinishReason.CANCELLED:
+            return pb.FINISH_REASON_CANCELLED, False
+        if reason == t.FinishReason.LENGTH:
+            return pb.FINISH_REASON_LENGTH, False
+        if reason == t.FinishReason.STOP_WORDS:
+            # Our stop words are single tokens: the other eos ids and the stop ids.
+            if live.last_token in live.stop:
+                return pb.FINISH_REASON_STOP_TOKEN, False
+            return pb.FINISH_REASON_EOS_TOKEN, False
+        if reason == getattr(t.FinishReason, "TIMED_OUT", object()):
+            return pb.FINISH_REASON_LENGTH, False
+        # Older bindings without finish_reasons (0.x before FinishReason existed): infer it.
+        if live.last_token in live.stop:
+            return pb.FINISH_REASON_STOP_TOKEN, False
+        if live.last_token in live.eos:
+            return pb.FINISH_REASON_EOS_TOKEN, False
+        if live.generated < live.max_new and live.end_id >= 0:
+            return pb.FINISH_REASON_EOS_TOKEN, True  # ended early on the (unreturned) end id
+        return pb.FINISH_REASON_LENGTH, False
+
+    def _forget(self, rid: int, tid: int) -> None:
+        self._live.pop(rid, None)
+        self._trt_of.pop(rid, None)
+        self._by_trt.pop(tid, None)
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            ids = list(self._live)
+            self._live.clear()
+            self._by_trt.clear()
+            self._trt_of.clear()
+            self.counters.requests_failed += len(ids)
+        batch = pb.IterationOutput()
+        for rid in ids:
+            add_finished(batch, rid, pb.FINISH_REASON_ERROR, message)
+        if batch.outputs and self._emit is not None:
+            self._emit(batch)
+
+    # -- health, stats, shutdown ----------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        if self._fatal is not None:
+            return False, self._fatal
+        if self._shut:
+            return False, "shutting down"
+        if self._thread is not None and not self._thread.is_alive():
+            return False, "the TensorRT-LLM response thread has stopped"
+        return True, ""
+
+    def _refresh_stats(self) -> None:
+        """Drains the executor's iteration stats (get_latest_iteration_stats: executor.cpp;
+        IterationStats, KvCacheStats: bindings.cpp) into a snapshot."""
+        try:
+            stats = list(self._executor.get_latest_iteration_stats())
+        except Exception as e:
+            log.debug("get_latest_iteration_stats failed: %s", e)
+            return
+        if not stats:
+            return
+        last = stats[-1]
+        with self._lock:
+            self._queued = int(getattr(last, "num_queued_requests", 0) or 0)
+            kv = getattr(last, "kv_cache_stats", None)
+            if kv is not None:
+                self._kv = (
+                    int(kv.max_num_blocks),
+                    int(kv.used_num_blocks),
+                    int(kv.free_num_blocks),
+                    int(kv.tokens_per_block),
+                )
+            latency = getattr(last, "iter_latency_ms", None)
+            if latency:
+                self._engine_latency = True
+                self.counters.last_iteration_ms = float(latency)
+
+    def stats(self) -> pb.StatsResponse:
+        self._refresh_stats()
+        with self._lock:
+            live = len(self._live)
+            queued = min(self._queued, live)
+            _, used, free, per_block = self._kv
+            return self.counters.to_proto(
+                active=live - queued,
+                queued=queued,
+                blocks_used=used,
+                blocks_free=free,
+                block_size=per_block or (self.config.tokens_per_block or 0),
+            )
+
+    def shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._fail_all("the executor is shutting down")
+        try:
+            self._executor.shutdown()  # executor.cpp
+        except Exception as e:
+            log.warning("TensorRT-LLM executor shutdown failed: %s", e)
+
+
+def _tail_logprobs(result, n: int) -> list[float]:
+    """The log probabilities of the last n tokens. Result.log_probs is per beam; taking the
+    tail works whether a streamed result carries only the new ones or all so far."""
+    lps = getattr(result, "log_probs", None)
+    if not lps:
+        return [float("nan")] * n
+    beam = list(lps[0])
+    tail = beam[-n:]
+    if len(tail) < n:
+        tail = [float("nan")] * (n - len(tail)) + tail
+    return tail
