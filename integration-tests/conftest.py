@@ -39,7 +39,9 @@ class Server:
             return executor_pb2_grpc.ExecutorStub(ch).Stats(executor_pb2.StatsRequest(), timeout=5)
 
 
-def start_server(extra: list[str], log_path: Path) -> tuple[subprocess.Popen, str, Path]:
+def start_server(
+    extra: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     sock_dir = Path(tempfile.mkdtemp(prefix="tg-it-"))
     sock = sock_dir / "executor.sock"
@@ -61,6 +63,7 @@ def start_server(extra: list[str], log_path: Path) -> tuple[subprocess.Popen, st
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env,
     )
     return proc, f"http://127.0.0.1:{port}", sock
 

@@ -131,3 +131,56 @@ def test_unsupported_features_are_422_in_openai_shape(client, server):
     assert body["type"] == "invalid_request_error" and "max_new_tokens" in body["message"]
     r = requests.post(f"{server.url}/v1/completions", json={"prompt": "x", "bogus": 1}, timeout=30)
     assert r.status_code == 422 and "bogus" in r.json()["error"]["message"]
+
+
+def test_chat_logprobs_plain_and_streaming(client):
+    kwargs = dict(
+        model="tgi",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    r = client.chat.completions.create(**kwargs)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 2
+        assert entry.bytes == list(entry.token.encode())
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top_logprobs[0].token == entry.token
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4
+    text = "".join(e.token for e in content)
+    assert r.choices[0].message.content in text
+
+    streamed = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                streamed.extend(c.logprobs.content)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [round(e.logprob, 4) for e in streamed] == [round(e.logprob, 4) for e in content]
+
+
+def test_completion_logprobs_legacy_shape(client):
+    r = client.completions.create(
+        model="tgi", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=3
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
+    assert all(len(top) == 3 for top in lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert lp.text_offset[0] == 0
+
+
+def test_top_logprobs_over_the_engine_limit_is_422(client):
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(
+            model="tgi",
+            messages=[{"role": "user", "content": "hi"}],
+            logprobs=True,
+            top_logprobs=20,
+        )
+    assert "top_n_tokens" in str(e.value)

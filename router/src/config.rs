@@ -61,6 +61,35 @@ pub struct Config {
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
+
+    /// Tokens (prompt + max_new_tokens) that running requests may reserve together; requests
+    /// beyond it wait in the admission queue. Default: the executor's KV cache capacity.
+    #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]
+    pub max_batch_total_tokens: Option<u64>,
+
+    /// Longest a request may wait for admission before it is refused with 503.
+    #[arg(long, default_value_t = 60_000)]
+    pub max_queue_wait_ms: u64,
+
+    /// On SIGTERM/SIGINT: new requests get 503 while those in flight get this long to finish.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "TENSORGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Origins allowed by CORS (repeatable; `*` for any). CORS is off when none is given.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "TENSORGATE_CORS_ALLOW_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origins: Vec<String>,
+
+    /// How often the executor's Stats are read into the metrics.
+    #[arg(long, default_value_t = 1000)]
+    pub stats_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, utoipa::ToSchema)]

@@ -21,6 +21,8 @@ pub enum RouterError {
     Tokenizer(String),
     #[error("Template error: {0}")]
     Template(String),
+    #[error("Unauthorized: {0}")]
+    Unauthorized(String),
 }
 
 impl RouterError {
@@ -30,6 +32,7 @@ impl RouterError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             RouterError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            RouterError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Generation(_) => StatusCode::FAILED_DEPENDENCY,
         }
@@ -43,6 +46,7 @@ impl RouterError {
             RouterError::Overloaded(_) => "overloaded",
             RouterError::Unavailable(_) => "unavailable",
             RouterError::Generation(_) => "generation",
+            RouterError::Unauthorized(_) => "authentication",
         }
     }
 

@@ -25,9 +25,11 @@ pub enum ExecutorEvent {
 }
 
 enum Command {
-    Submit(pb::GenerateRequest, mpsc::UnboundedSender<ExecutorEvent>),
+    Submit(Vec<(pb::GenerateRequest, mpsc::UnboundedSender<ExecutorEvent>)>),
     Cancel(u64),
 }
+
+pub type Submitted = (RequestGuard, mpsc::UnboundedReceiver<ExecutorEvent>);
 
 pub async fn connect_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let socket: PathBuf = socket.to_path_buf();
@@ -96,26 +98,37 @@ impl ExecutorHandle {
     }
 
     /// Sends a request; its outputs arrive on the returned receiver.
-    pub fn submit(
-        &self,
-        mut request: pb::GenerateRequest,
-    ) -> (RequestGuard, mpsc::UnboundedReceiver<ExecutorEvent>) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        request.id = id;
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Err(mpsc::error::SendError(Command::Submit(_, tx))) =
-            self.commands.send(Command::Submit(request, tx))
-        {
-            let _ = tx.send(ExecutorEvent::Disconnected(
-                "router is shutting down".into(),
-            ));
+    pub fn submit(&self, request: pb::GenerateRequest) -> Submitted {
+        let mut v = self.submit_batch(vec![request]);
+        v.pop().expect("one request in, one handle out")
+    }
+
+    /// Sends requests together: they reach the executor in one message.
+    pub fn submit_batch(&self, requests: Vec<pb::GenerateRequest>) -> Vec<Submitted> {
+        let mut handles = Vec::with_capacity(requests.len());
+        let mut batch = Vec::with_capacity(requests.len());
+        for mut request in requests {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            request.id = id;
+            let (tx, rx) = mpsc::unbounded_channel();
+            batch.push((request, tx));
+            let guard = RequestGuard {
+                id,
+                commands: self.commands.clone(),
+                finished: false,
+            };
+            handles.push((guard, rx));
         }
-        let guard = RequestGuard {
-            id,
-            commands: self.commands.clone(),
-            finished: false,
-        };
-        (guard, rx)
+        if let Err(mpsc::error::SendError(Command::Submit(batch))) =
+            self.commands.send(Command::Submit(batch))
+        {
+            for (_, tx) in batch {
+                let _ = tx.send(ExecutorEvent::Disconnected(
+                    "router is shutting down".into(),
+                ));
+            }
+        }
+        handles
     }
 }
 
@@ -139,8 +152,10 @@ async fn dispatch(
                     tokio::select! {
                         _ = &mut deadline => break,
                         cmd = commands.recv() => match cmd {
-                            Some(Command::Submit(_, tx)) => {
-                                let _ = tx.send(ExecutorEvent::Disconnected(format!("executor unavailable: {e}")));
+                            Some(Command::Submit(batch)) => {
+                                for (_, tx) in batch {
+                                    let _ = tx.send(ExecutorEvent::Disconnected(format!("executor unavailable: {e}")));
+                                }
                             }
                             Some(Command::Cancel(_)) => {}
                             None => return,
@@ -153,6 +168,7 @@ async fn dispatch(
         };
         tracing::info!(socket = %socket.display(), "connected to executor");
         connected.store(true, Ordering::Release);
+        crate::metrics::set_executor_connected(true);
         backoff = Duration::from_millis(50);
         let mut pending: Pending = HashMap::new();
 
@@ -181,6 +197,7 @@ async fn dispatch(
             }
         };
         connected.store(false, Ordering::Release);
+        crate::metrics::set_executor_connected(false);
         tracing::error!(%reason, in_flight = pending.len(), "lost the executor");
         for (_, tx) in pending.drain() {
             let _ = tx.send(ExecutorEvent::Disconnected(reason.clone()));
@@ -212,12 +229,14 @@ async fn open_stream(
 
 fn apply(cmd: Command, pending: &mut Pending, batch: &mut pb::GenerateCommand) {
     match cmd {
-        Command::Submit(req, tx) => {
-            if tx.is_closed() {
-                return; // client left before the request was sent
+        Command::Submit(requests) => {
+            for (req, tx) in requests {
+                if tx.is_closed() {
+                    continue; // client left before the request was sent
+                }
+                pending.insert(req.id, tx);
+                batch.requests.push(req);
             }
-            pending.insert(req.id, tx);
-            batch.requests.push(req);
         }
         Command::Cancel(id) => {
             if pending.remove(&id).is_some() {

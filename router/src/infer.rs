@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -10,13 +11,16 @@ use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::detokenizer::IncrementalDecoder;
 use crate::errors::RouterError;
 use crate::executor_client::{ExecutorEvent, ExecutorHandle, RequestGuard};
+use crate::metrics as m;
 use crate::pb;
+use crate::scheduler::{AdmissionError, Reservation, Scheduler};
 use crate::schemas::{FinishReason, GenerateParameters, Token};
 use crate::tokenizer::TextTokenizer;
 use crate::validation::{self, Limits, ValidParameters};
 
 pub struct Infer {
     executor: ExecutorHandle,
+    scheduler: Scheduler,
     tokenizer: TextTokenizer,
     chat_template: Option<ChatTemplate>,
     /// TGI `inputs` go through the chat template as one user message (--prompt-format chat).
@@ -56,6 +60,7 @@ pub struct TokenEvent {
 impl Infer {
     pub fn new(
         executor: ExecutorHandle,
+        scheduler: Scheduler,
         tokenizer: TextTokenizer,
         chat_template: Option<ChatTemplate>,
         wrap_inputs: bool,
@@ -64,6 +69,7 @@ impl Infer {
     ) -> Self {
         Self {
             executor,
+            scheduler,
             tokenizer,
             chat_template,
             wrap_inputs,
@@ -95,6 +101,10 @@ impl Infer {
         inputs: &str,
         parameters: &GenerateParameters,
     ) -> Result<Prepared, RouterError> {
+        // Checked before templating: a template would turn "" into a non-empty prompt.
+        if inputs.is_empty() {
+            return Err(validation::ValidationError::EmptyInput.into());
+        }
         match (&self.chat_template, self.wrap_inputs) {
             (Some(template), true) => {
                 let message = ChatMessage {
@@ -133,8 +143,14 @@ impl Infer {
         })
     }
 
-    /// Admits the request (or refuses it with 429) and sends it to the executor.
-    pub fn start(&self, prepared: Prepared) -> Result<GenerationStream, RouterError> {
+    /// Requests in the router now (queued or running).
+    pub fn in_flight(&self) -> usize {
+        self.max_concurrent_requests - self.permits.available_permits()
+    }
+
+    /// Takes a slot (or refuses with 429 at once), waits for admission by the scheduler
+    /// (503 past --max-queue-wait-ms), and returns the generation's events.
+    pub async fn start(&self, prepared: Prepared) -> Result<GenerationStream, RouterError> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             RouterError::Overloaded(format!(
                 "{} requests are in flight, the limit set by --max-concurrent-requests",
@@ -146,6 +162,8 @@ impl Infer {
                 "the executor is not connected (starting or restarting)".into(),
             ));
         }
+        let in_flight = InFlight::new();
+        let started = Instant::now();
         let request = pb::GenerateRequest {
             id: 0,
             input_ids: prepared.input_ids.clone(),
@@ -155,9 +173,21 @@ impl Infer {
             ignore_eos: false,
             return_logprobs: self.limits.features.logprobs,
             top_n_tokens: prepared.params.top_n_tokens,
-            priority: 0,
+            priority: prepared.params.priority,
         };
-        let (guard, rx) = self.executor.submit(request);
+        let admission = self
+            .scheduler
+            .admit(request, prepared.params.priority)
+            .await
+            .map_err(|e| match e {
+                AdmissionError::TooLarge { .. } => {
+                    RouterError::Validation(validation::ValidationError::Admission(e.to_string()))
+                }
+                AdmissionError::QueueTimeout { .. } | AdmissionError::Stopped => {
+                    RouterError::Unavailable(e.to_string())
+                }
+            })?;
+        let (guard, rx) = (admission.guard, admission.rx);
         let max_stop_len = prepared
             .params
             .stop_sequences
@@ -168,7 +198,12 @@ impl Infer {
         Ok(GenerationStream {
             rx,
             guard: Some(guard),
+            _reservation: admission.reservation,
             _permit: permit,
+            _in_flight: in_flight,
+            started,
+            last_token: None,
+            recorded_end: false,
             tokenizer: self.tokenizer.clone(),
             decoder: IncrementalDecoder::new(&prepared.input_ids),
             stop_sequences: prepared.params.stop_sequences,
@@ -184,11 +219,33 @@ impl Infer {
     }
 }
 
+/// Keeps the in-flight gauge right however a request ends.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        m::in_flight_inc();
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        m::in_flight_dec();
+    }
+}
+
 /// The events of one generation. Dropping it before the end cancels the request.
 pub struct GenerationStream {
     rx: mpsc::UnboundedReceiver<ExecutorEvent>,
     guard: Option<RequestGuard>,
+    // Fields drop in order: the executor cancel (guard) goes out before the budget is freed.
+    _reservation: Reservation,
     _permit: OwnedSemaphorePermit,
+    _in_flight: InFlight,
+    started: Instant,
+    last_token: Option<Instant>,
+    recorded_end: bool,
     tokenizer: TextTokenizer,
     decoder: IncrementalDecoder,
     stop_sequences: Vec<String>,
@@ -200,6 +257,13 @@ pub struct GenerationStream {
     input_length: u32,
     queue: VecDeque<TokenEvent>,
     done: bool,
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        // Dropped before its end: the client left (or the handler gave up).
+        self.record_end("cancelled");
+    }
 }
 
 impl GenerationStream {
@@ -221,6 +285,7 @@ impl GenerationStream {
                 }
                 Some(ExecutorEvent::Disconnected(reason)) => {
                     self.finish_guard();
+                    self.record_end("error");
                     self.done = true;
                     return Some(Err(RouterError::Unavailable(reason)));
                 }
@@ -240,7 +305,24 @@ impl GenerationStream {
         }
     }
 
-    fn end_info(&self, finish_reason: FinishReason) -> EndInfo {
+    fn record_end(&mut self, reason: &'static str) {
+        if !self.recorded_end {
+            self.recorded_end = true;
+            m::record_generation_end(
+                reason,
+                self.input_length,
+                self.generated,
+                self.started.elapsed(),
+            );
+        }
+    }
+
+    fn end_info(&mut self, finish_reason: FinishReason) -> EndInfo {
+        self.record_end(match finish_reason {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
+        });
         let mut generated_text = self.text.clone();
         if finish_reason != FinishReason::StopSequence {
             generated_text.push_str(&self.decoder.flush(self.tokenizer.tokenizer()));
@@ -256,6 +338,20 @@ impl GenerationStream {
 
     fn absorb(&mut self, out: pb::RequestOutput) -> Result<(), RouterError> {
         let n = out.token_ids.len();
+        if n > 0 {
+            let now = Instant::now();
+            match self.last_token {
+                None => m::record_first_token(now.saturating_duration_since(self.started)),
+                Some(prev) => {
+                    // Tokens that came in one message share its interval.
+                    let per = now.saturating_duration_since(prev) / n as u32;
+                    for _ in 0..n {
+                        m::record_inter_token(per);
+                    }
+                }
+            }
+            self.last_token = Some(now);
+        }
         for (i, &id) in out.token_ids.iter().enumerate() {
             let text = self.decoder.push(self.tokenizer.tokenizer(), id);
             let special = self.tokenizer.is_special(id);
@@ -319,12 +415,14 @@ impl GenerationStream {
             pb::FinishReason::EosToken | pb::FinishReason::StopToken => FinishReason::EosToken,
             pb::FinishReason::Cancelled => {
                 self.finish_guard();
+                self.record_end("cancelled");
                 return Err(RouterError::Generation(
                     "the executor cancelled the request".into(),
                 ));
             }
             pb::FinishReason::Error => {
                 self.finish_guard();
+                self.record_end("error");
                 return Err(RouterError::Generation(if error.is_empty() {
                     "the engine failed without a message".into()
                 } else {

@@ -1,5 +1,6 @@
 //! tensorgate router: HTTP in front, gRPC to the executor behind.
 
+pub mod auth;
 pub mod chat_template;
 pub mod config;
 pub mod detokenizer;
@@ -7,10 +8,14 @@ pub mod errors;
 pub mod executor_client;
 pub mod extract;
 pub mod infer;
+pub mod lifecycle;
+pub mod logprobs;
+pub mod metrics;
 pub mod openai;
 pub mod openapi;
 #[cfg(feature = "python")]
 mod python;
+pub mod scheduler;
 pub mod schemas;
 pub mod server;
 pub mod sse;
@@ -74,6 +79,8 @@ fn init_tracing(json: bool) {
 }
 
 async fn run(config: Config) -> Result<(), String> {
+    // First: everything after it (the executor client included) records metrics.
+    let metrics_handle = metrics::install()?;
     let tokenizer = tokenizer::TextTokenizer::load(&config.tokenizer)?;
     let template_dir = if config.tokenizer.is_dir() {
         config.tokenizer.clone()
@@ -128,28 +135,89 @@ async fn run(config: Config) -> Result<(), String> {
         router: env!("CARGO_PKG_NAME"),
         version: env!("CARGO_PKG_VERSION"),
     };
-    let infer = infer::Infer::new(
+    let token_budget = config
+        .max_batch_total_tokens
+        .unwrap_or(info.kv_capacity_tokens);
+    let scheduler = scheduler::Scheduler::spawn(
+        executor.clone(),
+        scheduler::SchedulerConfig {
+            token_budget,
+            max_batch_size: public_info.max_batch_size as usize,
+            max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
+        },
+    );
+    spawn_stats_poller(
+        executor.clone(),
+        Duration::from_millis(config.stats_interval_ms.max(50)),
+    );
+    let infer = Arc::new(infer::Infer::new(
         executor,
+        scheduler,
         tokenizer,
         chat_template,
         config.prompt_format == config::PromptFormat::Chat,
         limits,
         config.max_concurrent_requests,
-    );
+    ));
+    let lifecycle = lifecycle::Lifecycle::default();
     let state = server::AppState {
-        infer: Arc::new(infer),
+        infer: infer.clone(),
         info: Arc::new(public_info),
+        metrics: metrics_handle,
+        lifecycle: lifecycle.clone(),
     };
-    let app = server::router(state, config.payload_limit);
+    let app = server::router(
+        state,
+        &server::HttpOptions {
+            payload_limit: config.payload_limit,
+            api_key: config.api_key.clone(),
+            cors_allow_origins: config.cors_allow_origins.clone(),
+        },
+    )?;
     let addr = std::net::SocketAddr::new(config.hostname, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot bind {addr}: {e}"))?;
-    tracing::info!(%addr, engine = %info.engine, model = %info.model_id, max_input_tokens, max_total_tokens, "serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    tracing::info!(%addr, engine = %info.engine, model = %info.model_id, max_input_tokens, max_total_tokens, token_budget, "serving");
+    let timeout = Duration::from_secs(config.shutdown_timeout);
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let drain = {
+        let drained = drained.clone();
+        async move {
+            lifecycle::drain_on_signal(lifecycle, infer, timeout).await;
+            drained.notify_one();
+        }
+    };
+    let serve = axum::serve(listener, app).with_graceful_shutdown(drain);
+    tokio::select! {
+        r = serve => r.map_err(|e| format!("server error: {e}")),
+        // Connections still open after the drain (idle keep-alives, a stream past the
+        // timeout) get a moment, then the process ends regardless.
+        _ = async {
+            drained.notified().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } => Ok(()),
+    }
+}
+
+/// Reads the executor's Stats into the metrics (KV usage, batch size).
+fn spawn_stats_poller(executor: ExecutorHandle, every: Duration) {
+    tokio::spawn(async move {
+        let mut client = None;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if client.is_none() {
+                client = executor.client().await.ok();
+            }
+            let Some(c) = client.as_mut() else { continue };
+            match c.stats(pb::StatsRequest {}).await {
+                Ok(r) => metrics::set_executor_stats(&r.into_inner()),
+                Err(_) => client = None,
+            }
+        }
+    });
 }
 
 fn lower(executor: u32, flag: Option<u32>) -> u32 {
@@ -175,24 +243,4 @@ async fn fetch_info(executor: &ExecutorHandle, wait: Duration) -> Result<pb::Inf
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
 }

@@ -17,6 +17,7 @@ use crate::chat_template::ChatMessage;
 use crate::errors::{OpenAiError, RouterError};
 use crate::extract::OpenAiJson;
 use crate::infer::{GenerationStream, Prepared};
+use crate::logprobs::{self, TokenLogprob};
 use crate::schemas::{FinishReason, GenerateParameters};
 use crate::server::AppState;
 use crate::validation::ValidationError;
@@ -81,7 +82,7 @@ pub struct CommonParams {
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::extract::strict::optional_object")]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub stop: Option<StringOrList>,
@@ -96,6 +97,9 @@ pub struct CommonParams {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Value>,
+    /// tensorgate extension (as vLLM's): admission priority, higher first.
+    #[serde(default)]
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -103,6 +107,7 @@ pub struct CommonParams {
 pub struct ChatCompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
+    #[serde(deserialize_with = "crate::extract::strict::objects")]
     pub messages: Vec<ChatMessageIn>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
@@ -182,7 +187,7 @@ fn finish_reason(r: FinishReason) -> &'static str {
 }
 
 /// OpenAI parameters → TGI parameters, so that one validator checks both.
-fn to_generate_parameters(
+pub fn to_generate_parameters(
     c: &CommonParams,
     max_tokens: Option<i64>,
 ) -> Result<GenerateParameters, OpenAiError> {
@@ -208,6 +213,7 @@ fn to_generate_parameters(
             .unwrap_or_default(),
         frequency_penalty: c.frequency_penalty.filter(|v| *v != 0.0),
         presence_penalty: c.presence_penalty.filter(|v| *v != 0.0),
+        priority: c.priority,
         ..Default::default()
     })
 }
@@ -225,7 +231,8 @@ fn check_n(n: Option<u32>) -> Result<u32, OpenAiError> {
     }
 }
 
-fn message_text(m: &ChatMessageIn) -> Result<String, OpenAiError> {
+/// The text of a message: a string, or its text parts joined; other parts are refused.
+pub fn message_text(m: &ChatMessageIn) -> Result<String, OpenAiError> {
     match &m.content {
         None => Ok(String::new()),
         Some(MessageContent::Text(t)) => Ok(t.clone()),
@@ -264,6 +271,10 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
 struct Choice {
     index: u32,
     stream: GenerationStream,
+    /// Some when log probabilities were asked for: the entries not yet sent.
+    logprobs: Option<Vec<TokenLogprob>>,
+    /// Characters of the choice's text so far (legacy `text_offset`), echo included.
+    offset: usize,
     stops: Vec<String>,
     hold: usize,
     text: String,
@@ -275,12 +286,14 @@ enum ChoiceEvent {
     Delta {
         index: u32,
         text: String,
+        logprobs: Option<Vec<TokenLogprob>>,
     },
     End {
         index: u32,
         text: String,
         finish: &'static str,
         completion_tokens: u32,
+        logprobs: Option<Vec<TokenLogprob>>,
     },
     Error(RouterError),
 }
@@ -298,6 +311,8 @@ impl Choice {
         Self {
             index,
             stream,
+            logprobs: None,
+            offset: 0,
             stops,
             hold,
             text: String::new(),
@@ -320,8 +335,16 @@ impl Choice {
                 Ok(ev) => ev,
                 Err(e) => return Some(ChoiceEvent::Error(e)),
             };
+            if let Some(pending) = self.logprobs.as_mut() {
+                pending.push(TokenLogprob::from_token(
+                    &ev.token,
+                    &ev.top_tokens,
+                    self.offset,
+                ));
+            }
             if !ev.token.special {
                 self.text.push_str(&ev.token.text);
+                self.offset += ev.token.text.chars().count();
             }
             if let Some(end) = ev.end {
                 let mut full = end.generated_text;
@@ -341,6 +364,7 @@ impl Choice {
                     text: rest,
                     finish: finish_reason(end.finish_reason),
                     completion_tokens: end.generated_tokens,
+                    logprobs: self.logprobs.as_mut().map(std::mem::take),
                 });
             }
             let upto = self.releasable();
@@ -350,6 +374,7 @@ impl Choice {
                 return Some(ChoiceEvent::Delta {
                     index: self.index,
                     text: piece,
+                    logprobs: self.logprobs.as_mut().map(std::mem::take),
                 });
             }
         }
@@ -360,6 +385,7 @@ async fn start_choices(
     state: &AppState,
     prepared: Prepared,
     n: u32,
+    logprobs: bool,
 ) -> Result<Vec<Choice>, OpenAiError> {
     let mut choices = Vec::with_capacity(n as usize);
     for index in 0..n {
@@ -368,8 +394,10 @@ async fn start_choices(
         if let Some(seed) = p.params.sampling.seed {
             p.params.sampling.seed = Some(seed.wrapping_add(u64::from(index)));
         }
-        let stream = state.infer.start(p.clone())?;
-        choices.push(Choice::new(index, stream, &p));
+        let stream = state.infer.start(p.clone()).await?;
+        let mut choice = Choice::new(index, stream, &p);
+        choice.logprobs = logprobs.then(Vec::new);
+        choices.push(choice);
     }
     Ok(choices)
 }
@@ -385,32 +413,59 @@ fn choice_stream(choices: Vec<Choice>) -> impl Stream<Item = ChoiceEvent> {
     }))
 }
 
-/// Runs every choice to the end: (index, text, finish, completion tokens) in index order.
-async fn collect(
-    choices: Vec<Choice>,
-) -> Result<(Vec<(u32, String, &'static str, u32)>, u32), OpenAiError> {
+/// A choice run to its end.
+struct Finished {
+    index: u32,
+    text: String,
+    finish: &'static str,
+    completion_tokens: u32,
+    logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// Runs every choice to the end, in index order; also returns the prompt tokens of the first.
+async fn collect(choices: Vec<Choice>) -> Result<(Vec<Finished>, u32), OpenAiError> {
     let prompt_tokens = choices.first().map(|c| c.prompt_tokens).unwrap_or(0);
     let n = choices.len();
     let mut texts = vec![String::new(); n];
+    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     let mut done = Vec::with_capacity(n);
     let mut events = Box::pin(choice_stream(choices));
     while let Some(ev) = events.next().await {
         match ev {
-            ChoiceEvent::Delta { index, text } => texts[index as usize].push_str(&text),
+            ChoiceEvent::Delta {
+                index,
+                text,
+                logprobs,
+            } => {
+                texts[index as usize].push_str(&text);
+                lps[index as usize].extend(logprobs.unwrap_or_default());
+            }
             ChoiceEvent::End {
                 index,
                 text,
                 finish,
                 completion_tokens,
+                logprobs,
             } => {
                 let mut full = std::mem::take(&mut texts[index as usize]);
                 full.push_str(&text);
-                done.push((index, full, finish, completion_tokens));
+                let logprobs = logprobs.map(|last| {
+                    let mut all = std::mem::take(&mut lps[index as usize]);
+                    all.extend(last);
+                    all
+                });
+                done.push(Finished {
+                    index,
+                    text: full,
+                    finish,
+                    completion_tokens,
+                    logprobs,
+                });
             }
             ChoiceEvent::Error(e) => return Err(e.into()),
         }
     }
-    done.sort_by_key(|d| d.0);
+    done.sort_by_key(|d| d.index);
     Ok((done, prompt_tokens))
 }
 
@@ -440,16 +495,19 @@ pub async fn chat_completions(
             "structured output is not implemented yet",
         ));
     }
-    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
-        if !state.infer.features().logprobs {
-            return Err(unsupported(
-                "logprobs",
-                "the engine does not return log probabilities",
-            ));
+    let want_logprobs = req.logprobs == Some(true);
+    if req.top_logprobs.is_some_and(|n| n > 0) && !want_logprobs {
+        return Err(ValidationError::OutOfRange {
+            name: "top_logprobs",
+            bounds: "used only with `logprobs: true`",
+            value: format!("{:?}", req.top_logprobs),
         }
+        .into());
+    }
+    if want_logprobs && !state.infer.features().logprobs {
         return Err(unsupported(
             "logprobs",
-            "log probabilities on /v1 are not implemented yet",
+            "the engine does not return log probabilities",
         ));
     }
     if req.messages.is_empty() {
@@ -481,9 +539,10 @@ pub async fn chat_completions(
         .render(&messages, true)
         .map_err(RouterError::Template)?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let params = to_generate_parameters(&req.common, max_tokens)?;
+    let mut params = to_generate_parameters(&req.common, max_tokens)?;
+    params.top_n_tokens = req.top_logprobs.filter(|_| want_logprobs);
     let prepared = state.infer.prepare_prompt(prompt, false, &params).await?;
-    let choices = start_choices(&state, prepared, n).await?;
+    let choices = start_choices(&state, prepared, n, want_logprobs).await?;
     let id = new_id("chatcmpl");
     let created = now();
     let model = state.info.model_id.clone();
@@ -491,15 +550,15 @@ pub async fn chat_completions(
 
     if !req.common.stream {
         let (done, prompt_tokens) = collect(choices).await?;
-        let completion: u32 = done.iter().map(|d| d.3).sum();
+        let completion: u32 = done.iter().map(|d| d.completion_tokens).sum();
         let choices: Vec<Value> = done
             .into_iter()
-            .map(|(index, text, finish, _)| {
+            .map(|d| {
                 json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": null,
-                    "finish_reason": finish,
+                    "index": d.index,
+                    "message": {"role": "assistant", "content": d.text},
+                    "logprobs": d.logprobs.as_deref().map(logprobs::chat),
+                    "finish_reason": d.finish,
                 })
             })
             .collect();
@@ -532,12 +591,14 @@ pub async fn chat_completions(
         let mut events = Box::pin(choice_stream(choices));
         while let Some(ev) = events.next().await {
             match ev {
-                ChoiceEvent::Delta { index, text } => {
-                    yield Ok(sse_json(&chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]), Value::Null)));
+                ChoiceEvent::Delta { index, text, logprobs } => {
+                    let lp = logprobs.as_deref().map(logprobs::chat);
+                    yield Ok(sse_json(&chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]), Value::Null)));
                 }
-                ChoiceEvent::End { index, text, finish, completion_tokens } => {
+                ChoiceEvent::End { index, text, finish, completion_tokens, logprobs } => {
                     completion += completion_tokens;
-                    yield Ok(sse_json(&chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": finish}]), Value::Null)));
+                    let lp = logprobs.as_deref().map(logprobs::chat);
+                    yield Ok(sse_json(&chunk(json!([{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": finish}]), Value::Null)));
                 }
                 ChoiceEvent::Error(e) => {
                     yield Ok(sse_json(&serde_json::to_value(e.openai_body()).unwrap_or_default()));
@@ -567,7 +628,9 @@ pub async fn completions(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, OpenAiError> {
-    if req.logprobs.is_some_and(|n| n > 0) {
+    // Legacy `logprobs: N`: the chosen token's logprob and the N most likely (0 = only it).
+    let want_logprobs = req.logprobs.is_some();
+    if want_logprobs && !state.infer.features().logprobs {
         return Err(unsupported(
             "logprobs",
             "the engine does not return log probabilities",
@@ -597,7 +660,8 @@ pub async fn completions(
         }
         .into());
     }
-    let params = to_generate_parameters(&req.common, req.max_tokens.or(Some(16)))?;
+    let mut params = to_generate_parameters(&req.common, req.max_tokens.or(Some(16)))?;
+    params.top_n_tokens = req.logprobs.filter(|n| *n > 0);
     // Every prompt is validated before any starts, so a bad one refuses the whole request.
     let mut prepared = Vec::with_capacity(prompts.len());
     for p in &prompts {
@@ -605,8 +669,11 @@ pub async fn completions(
     }
     let mut choices = Vec::new();
     for (pi, p) in prepared.into_iter().enumerate() {
-        for mut c in start_choices(&state, p, n).await? {
+        for mut c in start_choices(&state, p, n, want_logprobs).await? {
             c.index += pi as u32 * n;
+            if req.echo {
+                c.offset = prompts[pi].chars().count();
+            }
             choices.push(c);
         }
     }
@@ -629,11 +696,11 @@ pub async fn completions(
 
     if !req.common.stream {
         let (done, _) = collect(choices).await?;
-        let completion: u32 = done.iter().map(|d| d.3).sum();
+        let completion: u32 = done.iter().map(|d| d.completion_tokens).sum();
         let choices: Vec<Value> = done
             .into_iter()
-            .map(|(index, text, finish, _)| {
-                json!({"index": index, "text": format!("{}{text}", echo_of(index)), "logprobs": null, "finish_reason": finish})
+            .map(|d| {
+                json!({"index": d.index, "text": format!("{}{}", echo_of(d.index), d.text), "logprobs": d.logprobs.as_deref().map(logprobs::completion), "finish_reason": d.finish})
             })
             .collect();
         return Ok(Json(json!({
@@ -666,12 +733,14 @@ pub async fn completions(
         let mut events = Box::pin(choice_stream(choices));
         while let Some(ev) = events.next().await {
             match ev {
-                ChoiceEvent::Delta { index, text } => {
-                    yield Ok(sse_json(&chunk(json!([{"index": index, "text": text, "logprobs": null, "finish_reason": null}]), Value::Null)));
+                ChoiceEvent::Delta { index, text, logprobs } => {
+                    let lp = logprobs.as_deref().map(logprobs::completion);
+                    yield Ok(sse_json(&chunk(json!([{"index": index, "text": text, "logprobs": lp, "finish_reason": null}]), Value::Null)));
                 }
-                ChoiceEvent::End { index, text, finish, completion_tokens } => {
+                ChoiceEvent::End { index, text, finish, completion_tokens, logprobs } => {
                     completion += completion_tokens;
-                    yield Ok(sse_json(&chunk(json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish}]), Value::Null)));
+                    let lp = logprobs.as_deref().map(logprobs::completion);
+                    yield Ok(sse_json(&chunk(json!([{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]), Value::Null)));
                 }
                 ChoiceEvent::Error(e) => {
                     yield Ok(sse_json(&serde_json::to_value(e.openai_body()).unwrap_or_default()));

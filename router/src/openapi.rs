@@ -26,6 +26,7 @@ use crate::schemas::{
         crate::server::tokenize,
         crate::server::info,
         crate::server::health,
+        crate::server::metrics,
         crate::openai::models,
         crate::openai::completions,
         crate::openai::chat_completions,
@@ -77,6 +78,7 @@ mod tests {
             "/v1/models",
             "/v1/completions",
             "/v1/chat/completions",
+            "/metrics",
         ] {
             assert!(
                 paths.contains_key(p),

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     pub inputs: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::extract::strict::object")]
     pub parameters: GenerateParameters,
     /// Only meaningful on `POST /`; accepted everywhere so that TGI clients can send it.
     #[serde(default)]
@@ -58,6 +58,10 @@ pub struct GenerateParameters {
     pub grammar: Option<serde_json::Value>,
     #[serde(default)]
     pub adapter_id: Option<String>,
+    /// tensorgate extension: admission priority; higher is admitted first, FIFO within one.
+    #[serde(default)]
+    #[schema(default = 0)]
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]

@@ -4,17 +4,22 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::auth::ApiKey;
 use crate::errors::RouterError;
 use crate::extract::TgiJson;
 use crate::infer::{Infer, TokenEvent};
+use crate::lifecycle::Lifecycle;
 use crate::pb;
 use crate::schemas::{
     Details, GenerateRequest, GenerateResponse, Info, SimpleToken, TokenizeRequest,
@@ -25,10 +30,30 @@ use crate::sse;
 pub struct AppState {
     pub infer: Arc<Infer>,
     pub info: Arc<Info>,
+    pub metrics: PrometheusHandle,
+    pub lifecycle: Lifecycle,
 }
 
-pub fn router(state: AppState, payload_limit: usize) -> Router {
-    Router::new()
+/// HTTP settings that shape the middleware.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    pub payload_limit: usize,
+    pub api_key: Option<String>,
+    pub cors_allow_origins: Vec<String>,
+}
+
+/// An error in the shape of the route it answers: OpenAI's under /v1, TGI's elsewhere.
+pub fn error_response(path: &str, e: RouterError) -> Response {
+    if path.starts_with("/v1/") {
+        crate::errors::OpenAiError(e).into_response()
+    } else {
+        e.into_response()
+    }
+}
+
+pub fn router(state: AppState, options: &HttpOptions) -> Result<Router, String> {
+    let lifecycle = state.lifecycle.clone();
+    let mut app = Router::new()
         .route("/", post(compat_generate))
         .route("/generate", post(generate))
         .route("/generate_stream", post(generate_stream))
@@ -45,8 +70,75 @@ pub fn router(state: AppState, payload_limit: usize) -> Router {
             "/api-doc/openapi.json",
             <crate::openapi::ApiDoc as utoipa::OpenApi>::openapi(),
         ))
-        .layer(DefaultBodyLimit::max(payload_limit))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(options.payload_limit))
         .with_state(state)
+        .route_layer(middleware::from_fn_with_state(
+            lifecycle,
+            crate::lifecycle::refuse_when_draining,
+        ));
+    if let Some(key) = &options.api_key {
+        if key.is_empty() {
+            return Err("--api-key is empty".into());
+        }
+        app = app.route_layer(middleware::from_fn_with_state(
+            ApiKey(Arc::new(key.as_bytes().to_vec())),
+            crate::auth::require_api_key,
+        ));
+    }
+    app = app.route_layer(middleware::from_fn(track_requests));
+    if !options.cors_allow_origins.is_empty() {
+        app = app.layer(cors(&options.cors_allow_origins)?);
+    }
+    Ok(app)
+}
+
+fn cors(origins: &[String]) -> Result<CorsLayer, String> {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let parsed = origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o)
+                    .map_err(|_| format!("--cors-allow-origin {o:?} is not a valid origin"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(parsed)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
+        ]))
+}
+
+/// Counts every answered request by route template and status.
+async fn track_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let start = std::time::Instant::now();
+    let response = next.run(req).await;
+    crate::metrics::record_request(&route, response.status().as_u16(), start.elapsed());
+    response
+}
+
+/// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "TGI", responses((status = 200, description = "Prometheus metrics (text exposition format)", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 #[utoipa::path(get, path = "/info", tag = "TGI", responses((status = 200, description = "Served model and limits", body = Info)))]
@@ -143,7 +235,7 @@ pub async fn generate(
     let prepared = state.infer.prepare(&req.inputs, &req.parameters).await?;
     let want_details = prepared.params.details;
     let full_text = prepared.params.return_full_text;
-    let mut stream = state.infer.start(prepared)?;
+    let mut stream = state.infer.start(prepared).await?;
     let mut tokens = Vec::new();
     let mut top_tokens = Vec::new();
     while let Some(ev) = stream.next().await {
@@ -200,7 +292,7 @@ pub async fn generate_stream(
         Err(e) => return e.into_response(),
     };
     let prefix = prepared.params.return_full_text.then(|| req.inputs.clone());
-    match state.infer.start(prepared) {
+    match state.infer.start(prepared).await {
         Ok(stream) => Sse::new(events(stream, prefix))
             .keep_alive(KeepAlive::default())
             .into_response(),

@@ -45,6 +45,9 @@ pub enum ValidationError {
     TopNTokens { max: u32, given: u32 },
     #[error("`{0}` is not supported by this server's engine ({1})")]
     Unsupported(&'static str, String),
+    /// The request can never be admitted (see scheduler::AdmissionError).
+    #[error("{0}")]
+    Admission(String),
 }
 
 /// Sampling settings after defaults were applied.
@@ -88,6 +91,7 @@ pub struct ValidParameters {
     pub details: bool,
     pub return_full_text: bool,
     pub top_n_tokens: u32,
+    pub priority: i32,
 }
 
 fn finite(name: &'static str, value: f32) -> Result<f32, ValidationError> {
@@ -295,6 +299,7 @@ pub fn validate_parameters(
         details: p.details,
         return_full_text: p.return_full_text.unwrap_or(false),
         top_n_tokens,
+        priority: p.priority.unwrap_or(0),
     })
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -26,10 +28,45 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batch-size", type=int, help="most requests the engine runs at once")
     s.add_argument("--max-input-tokens", type=int, help="most prompt tokens per request")
     s.add_argument("--max-total-tokens", type=int, help="most prompt + generated tokens")
-    s.add_argument("--max-concurrent-requests", type=int, default=128)
+    s.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=128,
+        help="requests in the router (queued or running) beyond which new ones get 429",
+    )
+    s.add_argument(
+        "--max-batch-total-tokens",
+        type=int,
+        help="tokens (prompt + max_new_tokens) running requests may reserve together "
+        "(default: the engine's KV cache capacity)",
+    )
+    s.add_argument(
+        "--max-queue-wait-ms",
+        type=int,
+        default=60_000,
+        help="longest wait for admission before a request gets 503",
+    )
+    s.add_argument("--payload-limit", type=int, default=2_000_000, help="largest body (bytes)")
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("TENSORGATE_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every route but /health "
+        "(default: $TENSORGATE_API_KEY; unset: no key)",
+    )
+    s.add_argument(
+        "--cors-allow-origin",
+        action="append",
+        default=[],
+        help="allow this origin by CORS (repeatable; * for any). Default: CORS off",
+    )
     s.add_argument("--executor-socket", type=Path, help="unix socket path for the executor")
     s.add_argument("--iteration-ms", type=float, help="synthetic engine: time per iteration")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0)
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests get to finish (new ones get 503)",
+    )
     s.add_argument(
         "--prompt-format",
         choices=("auto", "raw", "chat"),
@@ -38,6 +75,22 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
         "(auto: chat for the embedded instruct model, raw otherwise)",
     )
     s.add_argument("--json-output", action="store_true", help="log JSON lines")
+    s.add_argument(
+        "--kv-cache-free-gpu-memory-fraction",
+        type=float,
+        help="trtllm engine: share of free GPU memory for the KV cache (default 0.9)",
+    )
+    s.add_argument(
+        "--enable-kv-block-reuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trtllm engine: KV cache prefix reuse (default on)",
+    )
+    s.add_argument(
+        "--capacity-scheduler-policy",
+        choices=("guaranteed_no_evict", "max_utilization"),
+        help="trtllm engine: capacity scheduler policy (default guaranteed_no_evict)",
+    )
 
 
 def _executor_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
@@ -61,6 +114,17 @@ def _executor_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
     ):
         if value is not None:
             args += [flag, str(value)]
+    if source.engine == "trtllm":
+        args += ["--tokenizer-name", str(source.tokenizer_dir)]
+        for flag, value in (
+            ("--kv-cache-free-gpu-memory-fraction", a.kv_cache_free_gpu_memory_fraction),
+            ("--capacity-scheduler-policy", a.capacity_scheduler_policy),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        if a.enable_kv_block_reuse is not None:
+            flag = "--enable-kv-block-reuse"
+            args.append(flag if a.enable_kv_block_reuse else "--no-enable-kv-block-reuse")
     return args
 
 
@@ -78,7 +142,17 @@ def _router_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
         source.model_id,
         "--max-concurrent-requests",
         str(a.max_concurrent_requests),
+        "--max-queue-wait-ms",
+        str(a.max_queue_wait_ms),
+        "--payload-limit",
+        str(a.payload_limit),
+        "--shutdown-timeout",
+        str(math.ceil(a.shutdown_timeout)),
     ]
+    if a.max_batch_total_tokens is not None:
+        args += ["--max-batch-total-tokens", str(a.max_batch_total_tokens)]
+    for origin in a.cors_allow_origin:
+        args += ["--cors-allow-origin", origin]
     if a.max_input_tokens is not None:
         args += ["--max-input-tokens", str(a.max_input_tokens)]
     if a.max_total_tokens is not None:
@@ -114,9 +188,15 @@ def serve(a: argparse.Namespace) -> int:
     else:
         socket, socket_dir = default_socket_path()
         owned.append(socket_dir)
+    # The key goes to the router by environment, never argv (visible to every user in ps).
+    router_env = dict(os.environ)
+    router_env.pop("TENSORGATE_API_KEY", None)
+    if a.api_key:
+        router_env["TENSORGATE_API_KEY"] = a.api_key
     plan = LaunchPlan(
         executor_args=_executor_args(a, source, socket),
         router_args=_router_args(a, source, socket),
+        router_env=router_env,
         socket_path=socket,
         shutdown_timeout=a.shutdown_timeout,
         owned_dirs=owned,

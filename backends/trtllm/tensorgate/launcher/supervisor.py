@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from tensorgate.launcher.processes import Child, python_module_argv
+from tensorgate.launcher.trtllm_launch import TrtllmLaunchError, trtllm_command
 from tensorgate.v1 import executor_pb2, executor_pb2_grpc
 
 log = logging.getLogger("tensorgate.launcher")
@@ -32,6 +33,7 @@ class LaunchPlan:
     shutdown_timeout: float = 30.0
     restart_executor: bool = True
     owned_dirs: list[Path] = field(default_factory=list)
+    router_env: dict[str, str] | None = None
 
 
 def default_socket_path() -> tuple[Path, Path]:
@@ -90,6 +92,12 @@ class Supervisor:
 
     def _start_executor(self) -> Child:
         self.plan.socket_path.unlink(missing_ok=True)
+        try:
+            cmd = trtllm_command(self.plan.executor_args)
+        except TrtllmLaunchError as e:
+            raise LaunchError(str(e)) from None
+        if cmd is not None:  # TensorRT-LLM: plain for world_size 1, mpirun -n N for TP/PP
+            return Child("executor", cmd.argv, env=cmd.env)
         argv = python_module_argv("tensorgate.executor", self.plan.executor_args)
         return Child("executor", argv)
 
@@ -114,7 +122,7 @@ class Supervisor:
             if self.stopping.is_set():
                 return 0
             raise
-        self.router = Child("router", router_argv(self.plan.router_args))
+        self.router = Child("router", router_argv(self.plan.router_args), self.plan.router_env)
         backoff = 1.0
         while not self.stopping.wait(0.2):
             code = self.router.poll()
@@ -146,7 +154,8 @@ class Supervisor:
     def _stop_all(self) -> None:
         # Router first: it drains HTTP while the executor can still finish tokens.
         if self.router is not None:
-            self.router.terminate(self.plan.shutdown_timeout)
+            # The router drains for shutdown_timeout itself; the margin covers its exit.
+            self.router.terminate(self.plan.shutdown_timeout + 5)
         if self.executor is not None:
             self.executor.terminate(self.plan.shutdown_timeout)
         self.plan.socket_path.unlink(missing_ok=True)

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Stack overhead: tensorgate with the synthetic engine, driven by aiperf, against the
+engine's own cadence measured by a gRPC client on the executor's socket (no router, no HTTP).
+
+    PATH=/path/to/aiperf-venv/bin:$PATH python benchmarks/stack_overhead.py
+
+The synthetic engine emits one token per active request every --iteration-ms, so its own
+inter-token latency is the iteration time and its time to first token is the wait for the next
+iteration. What tensorgate adds is the difference between the two measurements at the same
+concurrency. Results go to stdout as a markdown table and to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_seconds, metric, run_aiperf, start_tensorgate
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def engine_direct(
+    socket: Path, concurrency: int, total: int, input_tokens: int, output_tokens: int
+) -> dict:
+    """Keeps `concurrency` requests in flight on one Generate stream, as the router would,
+    and times tokens as they leave the executor."""
+    import grpc
+
+    from tensorgate.v1 import executor_pb2 as pb
+    from tensorgate.v1 import executor_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def commands():
+            while True:
+                item = await outbox.get()
+                if item is None:
+                    return
+                yield item
+
+        call = stub.Generate(commands())
+        sent_at: dict[int, float] = {}
+        last_at: dict[int, float] = {}
+        ttft: list[float] = []
+        itl: list[float] = []
+        next_id = 1
+        done = 0
+        started = 0
+
+        def submit(n: int) -> None:
+            nonlocal next_id, started
+            reqs = []
+            for _ in range(n):
+                rid = next_id
+                next_id += 1
+                started += 1
+                sent_at[rid] = time.perf_counter()
+                reqs.append(
+                    pb.GenerateRequest(
+                        id=rid,
+                        input_ids=[1000 + i for i in range(input_tokens)],
+                        max_new_tokens=output_tokens,
+                        ignore_eos=True,
+                    )
+                )
+            outbox.put_nowait(pb.GenerateCommand(requests=reqs))
+
+        t0 = time.perf_counter()
+        submit(min(concurrency, total))
+        async for it in call:
+            now = time.perf_counter()
+            finished = 0
+            for o in it.outputs:
+                if o.token_ids:
+                    prev = last_at.get(o.request_id)
+                    if prev is None:
+                        ttft.append(now - sent_at[o.request_id])
+                    else:
+                        itl.append((now - prev) / len(o.token_ids))
+                    last_at[o.request_id] = now
+                if o.finish_reason:
+                    finished += 1
+            done += finished
+            more = min(finished, total - started)
+            if more > 0:
+                submit(more)
+            if done >= total:
+                break
+        wall = time.perf_counter() - t0
+        outbox.put_nowait(None)
+        call.cancel()
+    return {
+        "ttft_p50_ms": percentile(ttft, 50) * 1000,
+        "ttft_p99_ms": percentile(ttft, 99) * 1000,
+        "itl_p50_ms": percentile(itl, 50) * 1000,
+        "itl_p99_ms": percentile(itl, 99) * 1000,
+        "output_tok_s": total * output_tokens / wall,
+        "req_s": total / wall,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", default="1,8,64,256,1000")
+    ap.add_argument("--iteration-ms", type=float, default=20.0)
+    ap.add_argument("--input-tokens", type=int, default=32)
+    ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x C")
+    ap.add_argument("--port", type=int, default=3017)
+    ap.add_argument("--tokenizer", help="tokenizer dir for aiperf (default: the embedded model)")
+    ap.add_argument("--out", type=Path, default=Path("bench-results/stack_overhead.json"))
+    args = ap.parse_args()
+
+    if args.tokenizer is None:
+        from tensorgate.models.embedded import ensure_embedded_model
+
+        args.tokenizer = str(ensure_embedded_model())
+    levels = [int(c) for c in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="tg-bench-"))
+    socket = work / "executor.sock"
+    served = start_tensorgate(
+        args.port,
+        [
+            "--engine",
+            "synthetic",
+            "--tokenizer-name",
+            args.tokenizer,
+            "--iteration-ms",
+            str(args.iteration_ms),
+            "--max-batch-size",
+            str(max(levels)),
+            "--max-concurrent-requests",
+            str(max(levels) + 64),
+            "--executor-socket",
+            str(socket),
+        ],
+        work / "server.log",
+    )
+    rows = []
+    try:
+        for c in levels:
+            total = max(args.rounds * c, 16)
+            direct = asyncio.run(
+                engine_direct(socket, c, total, args.input_tokens, args.output_tokens)
+            )
+            cpu0 = {k: cpu_seconds(p) for k, p in served.pids.items()}
+            t0 = time.monotonic()
+            summary = run_aiperf(
+                served.url,
+                model="synthetic",
+                tokenizer=args.tokenizer,
+                concurrency=c,
+                requests_count=total,
+                input_tokens=args.input_tokens,
+                output_tokens=args.output_tokens,
+                artifacts=work / f"aiperf-c{c}",
+            )
+            wall = time.monotonic() - t0
+            cpu = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in served.pids.items()}
+            row = {
+                "concurrency": c,
+                "requests": total,
+                "stack": {
+                    "req_s": metric(summary, "request_throughput", "avg"),
+                    "output_tok_s": metric(summary, "output_token_throughput", "avg"),
+                    "ttft_p50_ms": metric(summary, "time_to_first_token", "p50"),
+                    "ttft_p99_ms": metric(summary, "time_to_first_token", "p99"),
+                    "itl_p50_ms": metric(summary, "inter_token_latency", "p50"),
+                    "itl_p99_ms": metric(summary, "inter_token_latency", "p99"),
+                },
+                "engine": direct,
+                "cpu_cores": cpu,
+            }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        served.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
+    print(
+        "| concurrency | req/s | output tok/s | TTFT p50 / p99 ms (engine alone) "
+        "| ITL p50 / p99 ms (engine alone) | router CPU | executor CPU |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        s, e, cpu = r["stack"], r["engine"], r["cpu_cores"]
+        print(
+            f"| {r['concurrency']} | {s['req_s']:.1f} | {s['output_tok_s']:.0f} "
+            f"| {s['ttft_p50_ms']:.1f} / {s['ttft_p99_ms']:.1f} "
+            f"({e['ttft_p50_ms']:.1f} / {e['ttft_p99_ms']:.1f}) "
+            f"| {s['itl_p50_ms']:.2f} / {s['itl_p99_ms']:.2f} "
+            f"({e['itl_p50_ms']:.2f} / {e['itl_p99_ms']:.2f}) "
+            f"| {cpu.get('router', 0):.2f} | {cpu.get('executor', 0):.2f} |"
+        )
+    print(f"\naiperf artifacts and server log in {work}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
