@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import requests
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -61,9 +61,10 @@ def wait_http(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if requests.get(url + path, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} not up after {timeout}s")

@@ -75,10 +75,13 @@ pub struct ChatMessageIn {
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct CommonParams {
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 8)]
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: bool,
@@ -89,8 +92,10 @@ pub struct CommonParams {
     #[serde(default)]
     pub seed: Option<u64>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
     pub user: Option<String>,
@@ -108,10 +113,13 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
     #[serde(deserialize_with = "crate::extract::strict::objects")]
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -140,6 +148,7 @@ pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: StringOrList,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
     #[serde(default)]
     pub logprobs: Option<u32>,
@@ -197,6 +206,14 @@ pub fn to_generate_parameters(
     // OpenAI: temperature 0 is greedy; anything else (default 1) samples.
     let (do_sample, temperature) = match c.temperature {
         Some(0.0) => (false, None),
+        Some(t) if t.is_finite() && !(0.0..=2.0).contains(&t) => {
+            return Err(ValidationError::OutOfRange {
+                name: "temperature",
+                bounds: ">= 0 and <= 2",
+                value: t.to_string(),
+            }
+            .into())
+        }
         Some(t) => (true, Some(t)),
         None => (true, None),
     };
@@ -254,7 +271,7 @@ pub fn message_text(m: &ChatMessageIn) -> Result<String, OpenAiError> {
     }
 }
 
-#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, description = "The served model", body = Object)))]
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, description = "The served model", body = Object), (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::OpenAiErrorBody)))]
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
@@ -474,7 +491,9 @@ fn sse_json(value: &Value) -> Event {
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatCompletionRequest, responses((status = 200, description = "chat.completion, or chat.completion.chunk events when stream is true", body = Object),
+        (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::OpenAiErrorBody),
         (status = 413, description = "Body over --payload-limit", body = crate::errors::OpenAiErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::errors::OpenAiErrorBody),
         (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::OpenAiErrorBody),
         (status = 424, description = "Generation failed", body = crate::errors::OpenAiErrorBody),
         (status = 429, description = "Too many requests in flight", body = crate::errors::OpenAiErrorBody),
@@ -618,7 +637,9 @@ pub async fn chat_completions(
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest, responses((status = 200, description = "text_completion, or events when stream is true", body = Object),
+        (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::OpenAiErrorBody),
         (status = 413, description = "Body over --payload-limit", body = crate::errors::OpenAiErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::errors::OpenAiErrorBody),
         (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::OpenAiErrorBody),
         (status = 424, description = "Generation failed", body = crate::errors::OpenAiErrorBody),
         (status = 429, description = "Too many requests in flight", body = crate::errors::OpenAiErrorBody),

@@ -60,13 +60,74 @@ use crate::schemas::{
 )]
 pub struct ApiDoc;
 
+/// The served document: utoipa's, with the server-sent event responses described as OpenAPI
+/// 3.2 does (each event an object whose `data` is JSON of a given schema), which utoipa cannot
+/// express. A stream's events are tokens, or one final error event.
+pub fn document() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        for path in ["/generate_stream", "/"] {
+            let content = &mut doc["paths"][path]["post"]["responses"]["200"]["content"];
+            if let Some(content) = content.as_object_mut() {
+                content.insert(
+                    "text/event-stream".into(),
+                    serde_json::json!({ "schema": sse_event("StreamResponse", "ErrorBody") }),
+                );
+            }
+        }
+        for path in ["/v1/chat/completions", "/v1/completions"] {
+            let content = &mut doc["paths"][path]["post"]["responses"]["200"]["content"];
+            if let Some(content) = content.as_object_mut() {
+                content.insert(
+                    "text/event-stream".into(),
+                    serde_json::json!({ "schema": {
+                        "type": "object",
+                        "properties": {
+                            "data": {
+                                "type": "string",
+                                "description": "a JSON chunk, an OpenAI error object, or [DONE]",
+                            },
+                            "event": { "type": "string" },
+                        },
+                    }}),
+                );
+            }
+        }
+        doc
+    })
+}
+
+fn sse_event(ok: &str, err: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": { "oneOf": [
+                    { "$ref": format!("#/components/schemas/{ok}") },
+                    { "$ref": format!("#/components/schemas/{err}") },
+                ]},
+            },
+            "event": { "type": "string" },
+        },
+    })
+}
+
+/// `GET /api-doc/openapi.json`.
+pub async fn serve_document() -> axum::Json<&'static serde_json::Value> {
+    axum::Json(document())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_route_is_documented() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).expect("serializes");
+        let doc = document();
         let paths = doc["paths"].as_object().expect("paths");
         for p in [
             "/",
@@ -87,5 +148,11 @@ mod tests {
         }
         let params = &doc["components"]["schemas"]["GenerateParameters"]["properties"];
         assert!(params["max_new_tokens"].is_object());
+        let sse = &paths["/generate_stream"]["post"]["responses"]["200"]["content"]
+            ["text/event-stream"]["schema"];
+        assert_eq!(
+            sse["properties"]["data"]["contentMediaType"],
+            "application/json"
+        );
     }
 }

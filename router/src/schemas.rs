@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
+    #[schema(min_length = 1)]
     pub inputs: String,
     #[serde(default, deserialize_with = "crate::extract::strict::object")]
     pub parameters: GenerateParameters,
@@ -18,30 +19,40 @@ pub struct GenerateRequest {
 #[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub best_of: Option<u32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub temperature: Option<f32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub top_k: Option<i64>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub typical_p: Option<f32>,
     #[serde(default)]
     pub do_sample: bool,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_new_tokens: Option<i64>,
     #[serde(default)]
     pub return_full_text: Option<bool>,
     #[serde(default)]
     pub stop: Vec<String>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub truncate: Option<i64>,
     #[serde(default)]
     pub watermark: bool,

@@ -66,10 +66,11 @@ pub fn router(state: AppState, options: &HttpOptions) -> Result<Router, String> 
             "/v1/chat/completions",
             post(crate::openai::chat_completions),
         )
-        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url(
-            "/api-doc/openapi.json",
-            <crate::openapi::ApiDoc as utoipa::OpenApi>::openapi(),
-        ))
+        .route("/api-doc/openapi.json", get(crate::openapi::serve_document))
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs")
+                .config(utoipa_swagger_ui::Config::from("/api-doc/openapi.json")),
+        )
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(options.payload_limit))
         .with_state(state)
@@ -129,7 +130,7 @@ async fn track_requests(req: Request, next: Next) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "TGI", responses((status = 200, description = "Prometheus metrics (text exposition format)", body = String, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "TGI", responses((status = 200, description = "Prometheus metrics (text exposition format)", body = String, content_type = "text/plain"), (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::ErrorBody)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(
@@ -141,14 +142,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(get, path = "/info", tag = "TGI", responses((status = 200, description = "Served model and limits", body = Info)))]
+#[utoipa::path(get, path = "/info", tag = "TGI", responses((status = 200, description = "Served model and limits", body = Info), (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::ErrorBody)))]
 pub async fn info(State(state): State<AppState>) -> Json<Info> {
     Json((*state.info).clone())
 }
 
 /// `POST /tokenize`: the router's own tokenization of `inputs` (as sent raw, TGI's route).
 #[utoipa::path(post, path = "/tokenize", tag = "TGI", request_body = TokenizeRequest, responses((status = 200, description = "Tokens", body = Vec<SimpleToken>),
+        (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::ErrorBody),
         (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::errors::ErrorBody),
         (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
         (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
         (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),
@@ -204,7 +207,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
 /// `POST /`: TGI's compatibility route, dispatching on `stream`. As in TGI, the
 /// non-streaming answer is a one-element list (what TGI's Python clients parse).
 #[utoipa::path(post, path = "/", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "A one-element list, or server-sent events when stream is true", body = Vec<GenerateResponse>, content_type = "application/json"),
+        (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::ErrorBody),
         (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::errors::ErrorBody),
         (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
         (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
         (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),
@@ -222,7 +227,9 @@ pub async fn compat_generate(state: State<AppState>, body: TgiJson<GenerateReque
 }
 
 #[utoipa::path(post, path = "/generate", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "Generated text", body = GenerateResponse),
+        (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::ErrorBody),
         (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::errors::ErrorBody),
         (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
         (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
         (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),
@@ -276,7 +283,9 @@ pub async fn generate(
 }
 
 #[utoipa::path(post, path = "/generate_stream", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "Server-sent events, one StreamResponse per token", body = crate::schemas::StreamResponse, content_type = "text/event-stream"),
+        (status = 401, description = "API key missing or wrong (only with --api-key)", body = crate::errors::ErrorBody),
         (status = 413, description = "Body over --payload-limit", body = crate::errors::ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = crate::errors::ErrorBody),
         (status = 422, description = "Invalid input; the message names the limit", body = crate::errors::ErrorBody),
         (status = 424, description = "Generation failed", body = crate::errors::ErrorBody),
         (status = 429, description = "Too many requests in flight", body = crate::errors::ErrorBody),

@@ -114,6 +114,9 @@ pub fn validate_parameters(
 ) -> Result<ValidParameters, ValidationError> {
     let f = &limits.features;
     if let Some(best_of) = p.best_of {
+        if best_of == 0 {
+            return Err(ValidationError::NotPositive("best_of", "0".into()));
+        }
         if best_of > 1 {
             return Err(unsupported("best_of", "only best_of = 1 is served"));
         }

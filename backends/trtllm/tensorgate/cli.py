@@ -29,6 +29,12 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-input-tokens", type=int, help="most prompt tokens per request")
     s.add_argument("--max-total-tokens", type=int, help="most prompt + generated tokens")
     s.add_argument(
+        "--kv-cache-blocks", type=int, help="transformers engine: KV cache size in blocks of 64"
+    )
+    s.add_argument(
+        "--max-num-tokens", type=int, help="transformers engine: tokens per step (prefill budget)"
+    )
+    s.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=128,
@@ -111,6 +117,8 @@ def _executor_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
         ("--max-input-tokens", a.max_input_tokens),
         ("--max-total-tokens", a.max_total_tokens),
         ("--iteration-ms", a.iteration_ms),
+        ("--kv-cache-blocks", a.kv_cache_blocks),
+        ("--max-num-tokens", a.max_num_tokens),
     ):
         if value is not None:
             args += [flag, str(value)]
