@@ -54,12 +54,17 @@ class Served:
 
 
 def wait_http(
-    url: str, proc: subprocess.Popen, path: str = "/health", timeout: float = 900
+    url: str,
+    proc: subprocess.Popen,
+    path: str = "/health",
+    timeout: float = 900,
+    log: Path | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            tail = log.read_text(errors="replace")[-6000:] if log else ""
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
         try:
             with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200:
@@ -78,7 +83,7 @@ def start_tensorgate(port: int, extra: list[str], log: Path) -> Served:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_http(url, proc)
+    wait_http(url, proc, log=log)
     pids = {}
     for pid, cmd in children(proc.pid).items():
         if "-m tensorgate.router" in cmd:

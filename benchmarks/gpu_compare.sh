@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -n "${WHEELS:-}" ]]; then
-    pip install -q --no-deps "$WHEELS"/*.whl
+    python -m pip install -q --no-deps --force-reinstall "$WHEELS"/*.whl || python -m pip install --no-deps --force-reinstall --user "$WHEELS"/*.whl
 fi
 export PYTHONPATH="$PWD/backends/trtllm:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench-results}"
@@ -28,4 +28,4 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 python benchmarks/serve_comparison.py --device cuda --dtype bfloat16 --model-dir "$MODEL" \
     --loadgen builtin --concurrency "${CONCURRENCY:-1,8,64,256}" --max-batch-size 256 \
     --kv-blocks 1024 --max-batch-tokens 8192 --input-tokens 64 --output-tokens 64 \
-    --out "$OUT/gpu_compare.json"
+    --stacks "${STACKS:-tensorgate,transformers-serve}" --out "$OUT/gpu_compare.json"

@@ -63,7 +63,7 @@ def start_transformers_serve(
         cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
-    wait_http(url, proc, "/health")
+    wait_http(url, proc, "/health", log=log)
     return Served(proc, url, {"server": proc.pid})
 
 

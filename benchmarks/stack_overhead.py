@@ -125,6 +125,12 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=3017)
     ap.add_argument("--tokenizer", help="tokenizer dir for aiperf (default: the embedded model)")
     ap.add_argument("--out", type=Path, default=Path("bench-results/stack_overhead.json"))
+    ap.add_argument(
+        "--loadgen",
+        choices=("aiperf", "builtin"),
+        default="aiperf",
+        help="builtin: benchmarks/loadgen.py, a lean aiohttp client (chat route)",
+    )
     args = ap.parse_args()
 
     if args.tokenizer is None:
@@ -161,29 +167,40 @@ def main() -> int:
             )
             cpu0 = {k: cpu_seconds(p) for k, p in served.pids.items()}
             t0 = time.monotonic()
-            summary = run_aiperf(
-                served.url,
-                model="synthetic",
-                tokenizer=args.tokenizer,
-                concurrency=c,
-                requests_count=total,
-                input_tokens=args.input_tokens,
-                output_tokens=args.output_tokens,
-                artifacts=work / f"aiperf-c{c}",
-            )
-            wall = time.monotonic() - t0
-            cpu = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in served.pids.items()}
-            row = {
-                "concurrency": c,
-                "requests": total,
-                "stack": {
+            if args.loadgen == "builtin":
+                from loadgen import run_chat_load
+
+                stack = asyncio.run(
+                    run_chat_load(
+                        served.url, "synthetic", c, total, args.input_tokens, args.output_tokens
+                    )
+                )
+            else:
+                summary = run_aiperf(
+                    served.url,
+                    model="synthetic",
+                    tokenizer=args.tokenizer,
+                    concurrency=c,
+                    requests_count=total,
+                    input_tokens=args.input_tokens,
+                    output_tokens=args.output_tokens,
+                    artifacts=work / f"aiperf-c{c}",
+                )
+                stack = {
                     "req_s": metric(summary, "request_throughput", "avg"),
                     "output_tok_s": metric(summary, "output_token_throughput", "avg"),
                     "ttft_p50_ms": metric(summary, "time_to_first_token", "p50"),
                     "ttft_p99_ms": metric(summary, "time_to_first_token", "p99"),
                     "itl_p50_ms": metric(summary, "inter_token_latency", "p50"),
                     "itl_p99_ms": metric(summary, "inter_token_latency", "p99"),
-                },
+                }
+            wall = time.monotonic() - t0
+            cpu = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in served.pids.items()}
+            row = {
+                "concurrency": c,
+                "requests": total,
+                "loadgen": args.loadgen,
+                "stack": stack,
                 "engine": direct,
                 "cpu_cores": cpu,
             }

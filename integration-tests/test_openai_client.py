@@ -128,7 +128,8 @@ def test_unsupported_features_are_422_in_openai_shape(client, server):
     )
     assert r.status_code == 422
     body = r.json()["error"]
-    assert body["type"] == "invalid_request_error" and "max_new_tokens" in body["message"]
+    assert body["type"] == "invalid_request_error" and "`max_tokens`" in body["message"]
+    assert body["param"] == "max_tokens"
     r = requests.post(f"{server.url}/v1/completions", json={"prompt": "x", "bogus": 1}, timeout=30)
     assert r.status_code == 422 and "bogus" in r.json()["error"]["message"]
 
@@ -183,4 +184,4 @@ def test_top_logprobs_over_the_engine_limit_is_422(client):
             logprobs=True,
             top_logprobs=20,
         )
-    assert "top_n_tokens" in str(e.value)
+    assert "top_logprobs" in str(e.value)

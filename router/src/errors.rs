@@ -109,9 +109,50 @@ impl RouterError {
             400..=499 => "invalid_request_error",
             _ => "server_error",
         };
-        OpenAiErrorBody::new(self.to_string(), kind, self.error_type())
+        // One validator serves both families; OpenAI clients know their own field names.
+        let mut message = self.to_string();
+        for (tgi, openai) in OPENAI_NAMES {
+            message = message.replace(&format!("`{tgi}`"), &format!("`{openai}`"));
+        }
+        let mut body = OpenAiErrorBody::new(message, kind, self.error_type());
+        body.error.param = self.param().map(|p| {
+            OPENAI_NAMES
+                .iter()
+                .find(|(tgi, _)| *tgi == p)
+                .map_or(p, |(_, o)| o)
+                .to_string()
+        });
+        body
+    }
+
+    /// The request field the error is about, where there is one.
+    fn param(&self) -> Option<&'static str> {
+        let RouterError::Validation(v) = self else {
+            return None;
+        };
+        Some(match v {
+            ValidationError::EmptyInput | ValidationError::InputLength { .. } => "inputs",
+            ValidationError::NotPositive(name, _)
+            | ValidationError::NotFinite { name, .. }
+            | ValidationError::OutOfRange { name, .. }
+            | ValidationError::Unsupported(name, _) => name,
+            ValidationError::TotalLength { .. } => "max_new_tokens",
+            ValidationError::Truncate { .. } => "truncate",
+            ValidationError::StopSequences { .. } | ValidationError::StopSequenceLength { .. } => {
+                "stop"
+            }
+            ValidationError::TopNTokens { .. } => "top_n_tokens",
+            ValidationError::Admission(_) => "max_new_tokens",
+        })
     }
 }
+
+/// TGI parameter names as OpenAI clients call them.
+const OPENAI_NAMES: &[(&str, &str)] = &[
+    ("max_new_tokens", "max_tokens"),
+    ("inputs", "prompt"),
+    ("top_n_tokens", "top_logprobs"),
+];
 
 /// A RouterError answered in OpenAI's shape.
 pub struct OpenAiError(pub RouterError);

@@ -36,6 +36,9 @@ pub struct Prepared {
     pub input_ids: Vec<u32>,
     pub max_new_tokens: u32,
     pub params: ValidParameters,
+    /// Ask the engine for per-token log probabilities. Off unless the answer shows them: they
+    /// cost the engine a log-softmax over the vocabulary per row and step.
+    pub want_logprobs: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +140,7 @@ impl Infer {
         let ids = self.tokenizer.encode(prompt, add_special_tokens).await?;
         let (input_ids, max_new_tokens) = validation::validate_length(ids, &params, &self.limits)?;
         Ok(Prepared {
+            want_logprobs: params.top_n_tokens > 0,
             input_ids,
             max_new_tokens,
             params,
@@ -171,7 +175,7 @@ impl Infer {
             sampling: Some(prepared.params.sampling.to_proto()),
             stop_token_ids: vec![],
             ignore_eos: false,
-            return_logprobs: self.limits.features.logprobs,
+            return_logprobs: prepared.want_logprobs && self.limits.features.logprobs,
             top_n_tokens: prepared.params.top_n_tokens,
             priority: prepared.params.priority,
         };

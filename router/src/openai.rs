@@ -411,6 +411,7 @@ async fn start_choices(
         if let Some(seed) = p.params.sampling.seed {
             p.params.sampling.seed = Some(seed.wrapping_add(u64::from(index)));
         }
+        p.want_logprobs |= logprobs;
         let stream = state.infer.start(p.clone()).await?;
         let mut choice = Choice::new(index, stream, &p);
         choice.logprobs = logprobs.then(Vec::new);

@@ -242,6 +242,9 @@ pub async fn generate(
     let prepared = state.infer.prepare(&req.inputs, &req.parameters).await?;
     let want_details = prepared.params.details;
     let full_text = prepared.params.return_full_text;
+    let mut prepared = prepared;
+    // TGI shows log probabilities in `details.tokens` only.
+    prepared.want_logprobs |= prepared.params.details;
     let mut stream = state.infer.start(prepared).await?;
     let mut tokens = Vec::new();
     let mut top_tokens = Vec::new();
@@ -301,6 +304,9 @@ pub async fn generate_stream(
         Err(e) => return e.into_response(),
     };
     let prefix = prepared.params.return_full_text.then(|| req.inputs.clone());
+    let mut prepared = prepared;
+    // Every TGI stream event carries its token's log probability.
+    prepared.want_logprobs = true;
     match state.infer.start(prepared).await {
         Ok(stream) => Sse::new(events(stream, prefix))
             .keep_alive(KeepAlive::default())
