@@ -188,6 +188,13 @@ async fn run(config: Config) -> Result<(), String> {
             drained.notify_one();
         }
     };
+    // Token streams are many small writes: without TCP_NODELAY, Nagle's algorithm and the
+    // client's delayed ACK hold the first event of a request on a reused connection ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let serve = axum::serve(listener, app).with_graceful_shutdown(drain);
     tokio::select! {
         r = serve => r.map_err(|e| format!("server error: {e}")),
