@@ -191,8 +191,9 @@ def test_max_new_tokens_of_the_wrong_type_is_422(server, route, value):
 
 SAMPLING_CASES = [
     # (parameter, JSON text of the value, what the message must hold)
-    ("temperature", "-1", ("positive",)),
-    ("temperature", "-0.5", ("positive",)),
+    # TGI: "must be strictly positive"; OpenAI (where 0 is greedy): "must be >= 0 and <= 2".
+    ("temperature", "-1", (("positive", ">= 0"),)),
+    ("temperature", "-0.5", (("positive", ">= 0"),)),
     ("temperature", "1e300", ("finite",)),
     ("temperature", "-1e300", (("finite", "positive"),)),
     ("top_p", "-0.5", ("top_p",)),
