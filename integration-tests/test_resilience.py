@@ -225,6 +225,7 @@ def test_2000_clients_against_128_slots(tmp_path):
 SOAK_SECONDS = float(os.environ.get("TENSORGATE_SOAK_SECONDS", "60"))
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 180)
 def test_soak_rss_stays_flat(tmp_path):
     """Steady load for SOAK_SECONDS (60 in CI; docs/reliability.md records a 300 s run)."""
     with synthetic_server(tmp_path, "--iteration-ms", "5") as server:
