@@ -81,6 +81,18 @@ fn init_tracing(json: bool) {
 async fn run(config: Config) -> Result<(), String> {
     // First: everything after it (the executor client included) records metrics.
     let metrics_handle = metrics::install()?;
+    {
+        // install_recorder leaves upkeep to us: without it, histogram samples pile up between
+        // scrapes (one per token for ITL), and an unscraped router grows without bound.
+        let handle = metrics_handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
     let tokenizer = tokenizer::TextTokenizer::load(&config.tokenizer)?;
     let template_dir = if config.tokenizer.is_dir() {
         config.tokenizer.clone()
