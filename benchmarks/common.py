@@ -164,3 +164,9 @@ def metric(summary: dict, name: str, stat: str) -> float:
     if m is None:
         raise KeyError(f"{name} not in the aiperf summary: {sorted(summary)}")
     return float(m[stat])
+
+
+def write_results(args, rows: list[dict]) -> None:
+    """The run's arguments and rows as JSON at `args.out`."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))

@@ -16,7 +16,7 @@ import time
 import aiohttp
 
 
-def _pct(values: list[float], p: float) -> float:
+def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
@@ -87,8 +87,8 @@ async def run_chat_load(
     return {
         "req_s": total / wall,
         "output_tok_s": out_tokens / wall,
-        "ttft_p50_ms": _pct(ttft, 50) * 1000,
-        "ttft_p99_ms": _pct(ttft, 99) * 1000,
-        "itl_p50_ms": _pct(itl, 50) * 1000,
-        "itl_p99_ms": _pct(itl, 99) * 1000,
+        "ttft_p50_ms": percentile(ttft, 50) * 1000,
+        "ttft_p99_ms": percentile(ttft, 99) * 1000,
+        "itl_p50_ms": percentile(itl, 50) * 1000,
+        "itl_p99_ms": percentile(itl, 99) * 1000,
     }

@@ -31,6 +31,7 @@ from common import (
     run_aiperf,
     start_tensorgate,
     wait_http,
+    write_results,
 )
 
 BLOCK_SIZE = 64
@@ -183,8 +184,7 @@ def main() -> int:
                 rows.append(measure(served, args, model, c, work, stack))
         finally:
             served.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
+    write_results(args, rows)
     print(
         "| stack | concurrency | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
         "| CPU (cores) |"

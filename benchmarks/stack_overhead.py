@@ -22,15 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_seconds, metric, run_aiperf, start_tensorgate
-
-
-def percentile(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+from common import cpu_seconds, metric, run_aiperf, start_tensorgate, write_results
+from loadgen import percentile
 
 
 async def engine_direct(
@@ -208,8 +201,7 @@ def main() -> int:
             print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
         served.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
+    write_results(args, rows)
     print(
         "| concurrency | req/s | output tok/s | TTFT p50 / p99 ms (engine alone) "
         "| ITL p50 / p99 ms (engine alone) | router CPU | executor CPU |"
