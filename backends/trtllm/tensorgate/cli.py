@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from tensorgate.log_setup import setup_logging
+
 ENGINES = ("auto", "transformers", "trtllm", "synthetic")
 
 
@@ -80,7 +82,9 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="TGI routes: send `inputs` raw, or as one user message through the chat template "
         "(auto: chat for the embedded instruct model, raw otherwise)",
     )
-    s.add_argument("--json-output", action="store_true", help="log JSON lines")
+    s.add_argument(
+        "--json-output", action="store_true", help="log JSON lines (router, executor, launcher)"
+    )
     s.add_argument(
         "--kv-cache-free-gpu-memory-fraction",
         type=float,
@@ -133,6 +137,8 @@ def _executor_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
         if a.enable_kv_block_reuse is not None:
             flag = "--enable-kv-block-reuse"
             args.append(flag if a.enable_kv_block_reuse else "--no-enable-kv-block-reuse")
+    if a.json_output:
+        args.append("--json-output")
     return args
 
 
@@ -220,13 +226,11 @@ def serve(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     parser = argparse.ArgumentParser(prog="tensorgate")
     sub = parser.add_subparsers(dest="command", required=True)
     build_serve_parser(sub)
     a = parser.parse_args(argv)
+    setup_logging(getattr(a, "json_output", False))
     if a.command == "serve":
         return serve(a)
     return 2

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tensorgate.executor.engine import EngineError
+from tensorgate.log_setup import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("guaranteed_no_evict", "max_utilization"),
         help="trtllm: scheduler policy",
     )
+    p.add_argument("--json-output", action="store_true", help="log JSON lines")
     args = p.parse_args(argv)
     for name in (
         "max_batch_size",
@@ -78,12 +80,8 @@ def _raise_stopped(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     args = parse_args(argv)
+    setup_logging(args.json_output)
     # Loading can take minutes: a stop request then is a clean exit, not a traceback.
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGINT, _raise_stopped)
