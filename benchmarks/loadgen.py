@@ -27,7 +27,13 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def run_chat_load(
-    url: str, model: str, concurrency: int, total: int, input_tokens: int, output_tokens: int
+    url: str,
+    model: str,
+    concurrency: int,
+    total: int,
+    input_tokens: int,
+    output_tokens: int,
+    temperature: float = 0.0,
 ) -> dict:
     # ~1 token per word for these words in llama-family tokenizers.
     prompt = " ".join(["hello"] * max(input_tokens - 8, 1))
@@ -50,7 +56,7 @@ async def run_chat_load(
                 "max_tokens": output_tokens,
                 "stream": True,
                 "stream_options": {"include_usage": True},
-                "temperature": 0,
+                "temperature": temperature,
             }
             start = time.perf_counter()
             last = None

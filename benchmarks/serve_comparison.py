@@ -97,6 +97,7 @@ def measure(
             output_tokens=args.output_tokens,
             artifacts=work / f"{name}-c{c}",
             endpoint_type="chat",
+            extra=["--extra-inputs", f"temperature:{args.temperature}"],
         )
         row = {
             "req_s": metric(s, "request_throughput", "avg"),
@@ -110,7 +111,15 @@ def measure(
         from loadgen import run_chat_load
 
         row = asyncio.run(
-            run_chat_load(served.url, model, c, total, args.input_tokens, args.output_tokens)
+            run_chat_load(
+                served.url,
+                model,
+                c,
+                total,
+                args.input_tokens,
+                args.output_tokens,
+                temperature=args.temperature,
+            )
         )
     wall = time.monotonic() - t0
     row["cpu_cores"] = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in served.pids.items()}
@@ -128,6 +137,11 @@ def main() -> int:
     ap.add_argument("--input-tokens", type=int, default=64)
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    # 0 (greedy) by default: transformers serve applies one sampling config to its whole
+    # continuous batch and samples only when the model's generation config says so, while
+    # tensorgate samples each request as it asks (OpenAI's default is temperature 1). Greedy
+    # gives both stacks the same work.
+    ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--kv-blocks", type=int, default=512)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)

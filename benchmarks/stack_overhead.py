@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +30,17 @@ from loadgen import percentile
 
 
 async def engine_direct(
-    socket: Path, concurrency: int, total: int, input_tokens: int, output_tokens: int
+    socket: Path,
+    concurrency: int,
+    total: int,
+    input_tokens: int,
+    output_tokens: int,
+    rate: float | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Keeps `concurrency` requests in flight on one Generate stream, as the router would,
-    and times tokens as they leave the executor."""
+    """Drives the executor on one Generate stream, as the router would, and times tokens as
+    they leave it: closed loop (`concurrency` requests in flight), or open loop with Poisson
+    arrivals at `rate` per second when `rate` is given."""
     import grpc
 
     from tensorgate.v1 import executor_pb2 as pb
@@ -49,9 +59,12 @@ async def engine_direct(
 
         call = stub.Generate(commands())
         sent_at: dict[int, float] = {}
+        first_at: dict[int, float] = {}
         last_at: dict[int, float] = {}
+        counts: dict[int, int] = {}
         ttft: list[float] = []
         itl: list[float] = []
+        itl_request: list[float] = []
         next_id = 1
         done = 0
         started = 0
@@ -74,38 +87,107 @@ async def engine_direct(
                 )
             outbox.put_nowait(pb.GenerateCommand(requests=reqs))
 
+        async def arrivals() -> None:
+            rng = random.Random(seed)
+            due = time.perf_counter()
+            for _ in range(total):
+                due += rng.expovariate(rate)
+                await asyncio.sleep(max(due - time.perf_counter(), 0))
+                submit(1)
+
         t0 = time.perf_counter()
-        submit(min(concurrency, total))
+        producer = None
+        if rate is None:
+            submit(min(concurrency, total))
+        else:
+            producer = asyncio.create_task(arrivals())
+        busy = 0.0
         async for it in call:
             now = time.perf_counter()
             finished = 0
             for o in it.outputs:
+                rid = o.request_id
                 if o.token_ids:
-                    prev = last_at.get(o.request_id)
+                    prev = last_at.get(rid)
                     if prev is None:
-                        ttft.append(now - sent_at[o.request_id])
+                        ttft.append(now - sent_at[rid])
+                        first_at[rid] = now
                     else:
                         itl.append((now - prev) / len(o.token_ids))
-                    last_at[o.request_id] = now
+                    last_at[rid] = now
+                    counts[rid] = counts.get(rid, 0) + len(o.token_ids)
                 if o.finish_reason:
                     finished += 1
+                    busy += now - sent_at.pop(rid)
+                    n = counts.pop(rid, 0)
+                    if n > 1:
+                        itl_request.append((last_at[rid] - first_at[rid]) / (n - 1))
+                    last_at.pop(rid, None)
+                    first_at.pop(rid, None)
             done += finished
             more = min(finished, total - started)
-            if more > 0:
+            if rate is None and more > 0:
                 submit(more)
             if done >= total:
                 break
         wall = time.perf_counter() - t0
+        if producer is not None:
+            await producer
         outbox.put_nowait(None)
         call.cancel()
     return {
+        "mean_in_flight": busy / wall,
         "ttft_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_p99_ms": percentile(ttft, 99) * 1000,
         "itl_p50_ms": percentile(itl, 50) * 1000,
         "itl_p99_ms": percentile(itl, 99) * 1000,
+        "itl_request_p50_ms": percentile(itl_request, 50) * 1000,
+        "itl_request_p99_ms": percentile(itl_request, 99) * 1000,
         "output_tok_s": total * output_tokens / wall,
         "req_s": total / wall,
     }
+
+
+PROBE = Path(__file__).resolve().parent.parent / "target" / "release" / "sse-probe"
+
+
+def run_probe(args, url: str, c: int, total: int, rate: float | None) -> dict:
+    """One sse-probe run (built on first use with `cargo build --release -p sse-probe`)."""
+    if not PROBE.exists():
+        subprocess.run(
+            ["cargo", "build", "--release", "-p", "sse-probe"],
+            check=True,
+            cwd=PROBE.parent.parent.parent,
+        )
+    load = ["--rate", f"{rate}"] if rate is not None else ["--concurrency", str(c)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [
+            str(PROBE),
+            "--url",
+            url,
+            "--model",
+            "synthetic",
+            "--requests",
+            str(total),
+            "--warmup",
+            str(min(c, 32)),
+            "--input-words",
+            str(args.input_tokens),
+            "--max-tokens",
+            str(args.output_tokens),
+            *load,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.stdout)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["client_cpu_cores"] = used / (time.monotonic() - t0)
+    return result
 
 
 def main() -> int:
@@ -120,11 +202,22 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results/stack_overhead.json"))
     ap.add_argument(
         "--loadgen",
-        choices=("aiperf", "builtin"),
+        choices=("aiperf", "builtin", "probe"),
         default="aiperf",
-        help="builtin: benchmarks/loadgen.py, a lean aiohttp client (chat route)",
+        help="builtin: benchmarks/loadgen.py, a lean aiohttp client (chat route); probe: "
+        "benchmarks/sse-probe, a one-thread Rust client (chat route)",
+    )
+    ap.add_argument(
+        "--arrival",
+        choices=("closed", "poisson"),
+        default="closed",
+        help="closed: C requests always in flight; poisson: open loop at the rate that keeps "
+        "C in flight on average (C / (output tokens x iteration time)), for the engine-alone "
+        "client and the load generator alike",
     )
     args = ap.parse_args()
+    if args.arrival == "poisson" and args.loadgen == "builtin":
+        ap.error("--arrival poisson needs --loadgen aiperf or probe")
 
     if args.tokenizer is None:
         from tensorgate.models.embedded import ensure_embedded_model
@@ -155,12 +248,17 @@ def main() -> int:
     try:
         for c in levels:
             total = max(args.rounds * c, 16)
+            rate = None
+            if args.arrival == "poisson":
+                rate = c / (args.output_tokens * args.iteration_ms / 1000)
             direct = asyncio.run(
-                engine_direct(socket, c, total, args.input_tokens, args.output_tokens)
+                engine_direct(socket, c, total, args.input_tokens, args.output_tokens, rate)
             )
             cpu0 = {k: cpu_seconds(p) for k, p in served.pids.items()}
             t0 = time.monotonic()
-            if args.loadgen == "builtin":
+            if args.loadgen == "probe":
+                stack = run_probe(args, served.url, c, total, rate)
+            elif args.loadgen == "builtin":
                 from loadgen import run_chat_load
 
                 stack = asyncio.run(
@@ -173,11 +271,17 @@ def main() -> int:
                     served.url,
                     model="synthetic",
                     tokenizer=args.tokenizer,
-                    concurrency=c,
+                    # Open loop: a cap well above the mean, so arrivals are not held back.
+                    concurrency=c if rate is None else 2 * c,
                     requests_count=total,
                     input_tokens=args.input_tokens,
                     output_tokens=args.output_tokens,
                     artifacts=work / f"aiperf-c{c}",
+                    extra=(
+                        []
+                        if rate is None
+                        else ["--request-rate", f"{rate:.3f}", "--arrival-pattern", "poisson"]
+                    ),
                 )
                 stack = {
                     "req_s": metric(summary, "request_throughput", "avg"),
@@ -193,6 +297,8 @@ def main() -> int:
                 "concurrency": c,
                 "requests": total,
                 "loadgen": args.loadgen,
+                "arrival": args.arrival,
+                "rate": rate,
                 "stack": stack,
                 "engine": direct,
                 "cpu_cores": cpu,
@@ -203,14 +309,20 @@ def main() -> int:
         served.stop()
     write_results(args, rows)
     print(
-        "| concurrency | req/s | output tok/s | TTFT p50 / p99 ms (engine alone) "
-        "| ITL p50 / p99 ms (engine alone) | router CPU | executor CPU |"
+        "| concurrency | in flight (engine alone) | req/s | output tok/s "
+        "| TTFT p50 / p99 ms (engine alone) | ITL p50 / p99 ms (engine alone) "
+        "| router CPU | executor CPU |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    # aiperf's ITL is per request ((last - first token) / (tokens - 1)); the probe and the
+    # builtin client time every event, and the probe reports both.
     for r in rows:
         s, e, cpu = r["stack"], r["engine"], r["cpu_cores"]
+        flight = s.get("mean_in_flight")
+        flight = f"{flight:.0f}" if flight is not None else "n/a"
         print(
-            f"| {r['concurrency']} | {s['req_s']:.1f} | {s['output_tok_s']:.0f} "
+            f"| {r['concurrency']} | {flight} ({e['mean_in_flight']:.0f}) "
+            f"| {s['req_s']:.1f} | {s['output_tok_s']:.0f} "
             f"| {s['ttft_p50_ms']:.1f} / {s['ttft_p99_ms']:.1f} "
             f"({e['ttft_p50_ms']:.1f} / {e['ttft_p99_ms']:.1f}) "
             f"| {s['itl_p50_ms']:.2f} / {s['itl_p99_ms']:.2f} "
