@@ -224,6 +224,7 @@ def main() -> int:
 
         args.tokenizer = str(ensure_embedded_model())
     levels = [int(c) for c in args.concurrency.split(",")]
+    headroom = 2 if args.arrival == "poisson" else 1
     work = Path(tempfile.mkdtemp(prefix="tg-bench-"))
     socket = work / "executor.sock"
     served = start_tensorgate(
@@ -235,10 +236,12 @@ def main() -> int:
             args.tokenizer,
             "--iteration-ms",
             str(args.iteration_ms),
+            # Poisson arrivals overshoot the mean: room for bursts, or they would queue in
+            # the engine (or get 429) and the measurement would be of queueing, not the stack.
             "--max-batch-size",
-            str(max(levels)),
+            str(max(levels) * headroom),
             "--max-concurrent-requests",
-            str(max(levels) + 64),
+            str(max(levels) * headroom + 64),
             "--executor-socket",
             str(socket),
         ],
