@@ -132,7 +132,14 @@ impl ExecutorHandle {
     }
 }
 
-type Pending = HashMap<u64, mpsc::UnboundedSender<ExecutorEvent>>;
+type Pending = HashMap<u64, Route>;
+
+/// Where one live request's outputs go.
+struct Route {
+    tx: mpsc::UnboundedSender<ExecutorEvent>,
+    /// Some output has been delivered already (the request is past its first token).
+    started: bool,
+}
 
 async fn dispatch(
     socket: PathBuf,
@@ -199,7 +206,7 @@ async fn dispatch(
         connected.store(false, Ordering::Release);
         crate::metrics::set_executor_connected(false);
         tracing::error!(%reason, in_flight = pending.len(), "lost the executor");
-        for (_, tx) in pending.drain() {
+        for (_, Route { tx, .. }) in pending.drain() {
             let _ = tx.send(ExecutorEvent::Disconnected(reason.clone()));
         }
     }
@@ -234,7 +241,7 @@ fn apply(cmd: Command, pending: &mut Pending, batch: &mut pb::GenerateCommand) {
                 if tx.is_closed() {
                     continue; // client left before the request was sent
                 }
-                pending.insert(req.id, tx);
+                pending.insert(req.id, Route { tx, started: false });
                 batch.requests.push(req);
             }
         }
@@ -252,17 +259,38 @@ fn apply(cmd: Command, pending: &mut Pending, batch: &mut pb::GenerateCommand) {
 }
 
 fn route(iteration: pb::IterationOutput, pending: &mut Pending) {
-    for output in iteration.outputs {
+    for output in first_outputs_first(iteration.outputs, pending) {
         let id = output.request_id;
         let done = output.finish_reason != pb::FinishReason::Unspecified as i32;
         // A closed receiver is left in place: its guard's Cancel follows and removes it.
-        if let Some(tx) = pending.get(&id) {
-            let _ = tx.send(ExecutorEvent::Output(output));
+        if let Some(route) = pending.get_mut(&id) {
+            route.started = true;
+            let _ = route.tx.send(ExecutorEvent::Output(output));
             if done {
                 pending.remove(&id);
             }
         }
     }
+}
+
+/// An iteration's outputs with those of requests that have had none yet moved to the front.
+/// The streams they wake run roughly in wake order, and with hundreds of streams that fan-out
+/// takes milliseconds: a new request's first token (its TTFT) goes ahead, while a running
+/// stream only trades places with others from one token to the next. Order within each group
+/// is kept.
+fn first_outputs_first(
+    outputs: Vec<pb::RequestOutput>,
+    pending: &Pending,
+) -> Vec<pb::RequestOutput> {
+    let (first, rest): (Vec<_>, Vec<_>) = outputs
+        .into_iter()
+        .partition(|o| pending.get(&o.request_id).is_some_and(|r| !r.started));
+    if first.is_empty() {
+        return rest;
+    }
+    let mut ordered = first;
+    ordered.extend(rest);
+    ordered
 }
 
 #[cfg(test)]
@@ -404,6 +432,43 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("dispatcher never connected");
+    }
+
+    #[test]
+    fn first_tokens_are_routed_before_running_streams() {
+        let mut pending = Pending::new();
+        let mut keep = Vec::new();
+        for (id, started) in [(1, true), (2, false), (3, true), (4, false)] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            keep.push(rx);
+            pending.insert(id, Route { tx, started });
+        }
+        let outputs = [3, 4, 1, 9, 2]
+            .into_iter()
+            .map(|request_id| pb::RequestOutput {
+                request_id,
+                ..Default::default()
+            })
+            .collect();
+        let order: Vec<u64> = first_outputs_first(outputs, &pending)
+            .iter()
+            .map(|o| o.request_id)
+            .collect();
+        // New requests first (in message order), then the rest (unknown id 9 included).
+        assert_eq!(order, vec![4, 2, 3, 1, 9]);
+
+        let mut iteration = pb::IterationOutput::default();
+        iteration.outputs.push(pb::RequestOutput {
+            request_id: 2,
+            token_ids: vec![5],
+            ..Default::default()
+        });
+        route(iteration, &mut pending);
+        assert!(
+            pending[&2].started,
+            "a delivered output marks its request started"
+        );
+        assert!(matches!(keep[1].try_recv(), Ok(ExecutorEvent::Output(o)) if o.token_ids == [5]));
     }
 
     #[tokio::test]
