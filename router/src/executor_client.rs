@@ -282,13 +282,12 @@ fn first_outputs_first(
     outputs: Vec<pb::RequestOutput>,
     pending: &Pending,
 ) -> Vec<pb::RequestOutput> {
-    let (first, rest): (Vec<_>, Vec<_>) = outputs
-        .into_iter()
-        .partition(|o| pending.get(&o.request_id).is_some_and(|r| !r.started));
-    if first.is_empty() {
-        return rest;
+    let is_first = |o: &pb::RequestOutput| pending.get(&o.request_id).is_some_and(|r| !r.started);
+    // Most steps start no request: hand the message's list back untouched, no allocation.
+    if !outputs.iter().any(is_first) {
+        return outputs;
     }
-    let mut ordered = first;
+    let (mut ordered, rest): (Vec<_>, Vec<_>) = outputs.into_iter().partition(is_first);
     ordered.extend(rest);
     ordered
 }
