@@ -75,12 +75,33 @@ def wait_http(
     raise RuntimeError(f"{url} not up after {timeout}s")
 
 
-def start_tensorgate(port: int, extra: list[str], log: Path) -> Served:
+def parse_cpus(spec: str | None) -> set[int] | None:
+    """A CPU list as taskset takes it ("0", "0,2", "1-3"); None or "" for no pinning."""
+    if not spec:
+        return None
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pinned(cpus: set[int] | None):
+    """A preexec_fn that pins the child (and everything it starts) to `cpus`."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def start_tensorgate(
+    port: int, extra: list[str], log: Path, cpus: set[int] | None = None
+) -> Served:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorgate.cli", "serve", "--port", str(port), *extra],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=pinned(cpus),
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(url, proc, log=log)
@@ -166,7 +187,10 @@ def metric(summary: dict, name: str, stat: str) -> float:
     return float(m[stat])
 
 
-def write_results(args, rows: list[dict]) -> None:
-    """The run's arguments and rows as JSON at `args.out`."""
+def write_results(args, rows: list[dict], summary: dict | None = None) -> None:
+    """The run's arguments, rows and summary (if any) as JSON at `args.out`."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}))
+    doc = {"args": vars(args) | {"out": str(args.out)}, "rows": rows}
+    if summary:
+        doc["summary"] = summary
+    args.out.write_text(json.dumps(doc))

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,8 @@ from common import (
     Served,
     cpu_seconds,
     metric,
+    parse_cpus,
+    pinned,
     run_aiperf,
     start_tensorgate,
     wait_http,
@@ -38,7 +43,14 @@ BLOCK_SIZE = 64
 
 
 def start_transformers_serve(
-    port: int, model_dir: str, device: str, dtype: str, blocks: int, batch_tokens: int, log: Path
+    port: int,
+    model_dir: str,
+    device: str,
+    dtype: str,
+    blocks: int,
+    batch_tokens: int,
+    log: Path,
+    cpus: set[int] | None = None,
 ) -> Served:
     cmd = [
         "transformers",
@@ -61,7 +73,11 @@ def start_transformers_serve(
         str(batch_tokens),
     ]
     proc = subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=pinned(cpus),
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(url, proc, "/health", log=log)
@@ -128,6 +144,65 @@ def measure(
     return row
 
 
+T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    """Geometric mean of paired ratios with a 95 % t-interval (on the log scale)."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return {"n": len(logs), "geo_mean": math.exp(mean), "ci95": None}
+    half = T_95.get(len(logs) - 1, 2.2 if len(logs) < 16 else 2.0) * statistics.stdev(logs)
+    half /= math.sqrt(len(logs))
+    return {
+        "n": len(logs),
+        "geo_mean": math.exp(mean),
+        "ci95": [math.exp(mean - half), math.exp(mean + half)],
+        "min": min(ratios),
+        "max": max(ratios),
+    }
+
+
+def start_stack(stack: str, args: argparse.Namespace, levels: list[int], work: Path, cpus):
+    if stack == "tensorgate":
+        served = start_tensorgate(
+            3021,
+            [
+                "--model-id",
+                args.model_dir,
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--max-batch-size",
+                str(args.max_batch_size),
+                "--kv-cache-blocks",
+                str(args.kv_blocks),
+                "--max-num-tokens",
+                str(args.max_batch_tokens),
+                "--max-concurrent-requests",
+                str(max(levels) + 64),
+                "--hostname",
+                "127.0.0.1",
+            ],
+            work / "tensorgate.log",
+            cpus=cpus,
+        )
+        return served, "tensorgate"
+    served = start_transformers_serve(
+        3022,
+        args.model_dir,
+        args.device,
+        args.dtype,
+        args.kv_blocks,
+        args.max_batch_tokens,
+        work / "transformers-serve.log",
+        cpus=cpus,
+    )
+    return served, args.model_dir
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", help="HF checkpoint (default: the embedded SmolLM2-135M)")
@@ -147,58 +222,67 @@ def main() -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--loadgen", choices=("aiperf", "builtin"), default="aiperf")
     ap.add_argument("--stacks", default="tensorgate,transformers-serve")
+    # Interleaved trials: both servers stay up, and each level is measured `--repeat` times
+    # per stack in ABBA order, so that drift of the machine (other tenants, clocks) falls on
+    # both stacks alike. The summary gives the paired ratio with a 95 % interval.
+    ap.add_argument("--repeat", type=int, default=1)
+    # On a small machine the load generator competes with the engine for the same cores;
+    # pinning gives the servers and the client cores of their own (taskset's list syntax).
+    ap.add_argument("--server-cpus", help="pin both servers to these CPUs, e.g. 0")
+    ap.add_argument("--client-cpus", help="pin the load generator (and this script) here")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve_comparison.json"))
     args = ap.parse_args()
     if args.model_dir is None:
         from tensorgate.models.embedded import ensure_embedded_model
 
         args.model_dir = str(ensure_embedded_model())
+    server_cpus = parse_cpus(args.server_cpus)
+    client_cpus = parse_cpus(args.client_cpus)
+    if client_cpus is not None:
+        os.sched_setaffinity(0, client_cpus)
     levels = [int(c) for c in args.concurrency.split(",")]
+    stacks = args.stacks.split(",")
     work = Path(tempfile.mkdtemp(prefix="tg-cmp-"))
     rows = []
-    for stack in args.stacks.split(","):
-        if stack == "tensorgate":
-            served = start_tensorgate(
-                3021,
-                [
-                    "--model-id",
-                    args.model_dir,
-                    "--device",
-                    args.device,
-                    "--dtype",
-                    args.dtype,
-                    "--max-batch-size",
-                    str(args.max_batch_size),
-                    "--kv-cache-blocks",
-                    str(args.kv_blocks),
-                    "--max-num-tokens",
-                    str(args.max_batch_tokens),
-                    "--max-concurrent-requests",
-                    str(max(levels) + 64),
-                    "--hostname",
-                    "127.0.0.1",
-                ],
-                work / "tensorgate.log",
-            )
-            model = "tensorgate"
-        else:
-            served = start_transformers_serve(
-                3022,
-                args.model_dir,
-                args.device,
-                args.dtype,
-                args.kv_blocks,
-                args.max_batch_tokens,
-                work / "transformers-serve.log",
-            )
-            model = args.model_dir
+    if args.repeat <= 1:
+        # One stack at a time: the other's memory and idle threads are not on the machine.
+        for stack in stacks:
+            served, model = start_stack(stack, args, levels, work, server_cpus)
+            try:
+                warm(served.url, model)
+                for c in levels:
+                    rows.append(measure(served, args, model, c, work, stack))
+            finally:
+                served.stop()
+    else:
+        up: dict[str, tuple[Served, str]] = {}
         try:
-            warm(served.url, model)
+            for stack in stacks:
+                up[stack] = start_stack(stack, args, levels, work, server_cpus)
+                warm(up[stack][0].url, up[stack][1])
             for c in levels:
-                rows.append(measure(served, args, model, c, work, stack))
+                for rep in range(args.repeat):
+                    for stack in stacks if rep % 2 == 0 else stacks[::-1]:
+                        served, model = up[stack]
+                        idle = {s: v[0] for s, v in up.items() if s != stack}
+                        idle_cpu0 = {
+                            s: sum(map(cpu_seconds, v.pids.values())) for s, v in idle.items()
+                        }
+                        t0 = time.monotonic()
+                        row = measure(served, args, model, c, work / f"r{rep}", stack)
+                        wall = time.monotonic() - t0
+                        row["repeat"] = rep
+                        # What the server not being measured used meanwhile (its idle loops).
+                        row["idle_other_cores"] = {
+                            s: (sum(map(cpu_seconds, v.pids.values())) - idle_cpu0[s]) / wall
+                            for s, v in idle.items()
+                        }
+                        rows.append(row)
         finally:
-            served.stop()
-    write_results(args, rows)
+            for served, _ in up.values():
+                served.stop()
+    summary = summarize(rows, stacks, levels) if args.repeat > 1 else {}
+    write_results(args, rows, summary)
     print(
         "| stack | concurrency | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
         "| CPU (cores) |"
@@ -211,8 +295,42 @@ def main() -> int:
             f"| {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} "
             f"| {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {cpu} |"
         )
+    if summary:
+        a, b = stacks[0], stacks[1]
+        print(
+            f"\n| concurrency | {a} tok/s (mean) | {b} tok/s (mean) | {a} / {b}, paired: "
+            "geometric mean [95 % CI] | min / max |"
+        )
+        print("| --- | --- | --- | --- | --- |")
+        for c, s in summary.items():
+            r = s["ratio"]
+            ci = "n/a" if r["ci95"] is None else f"{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}"
+            print(
+                f"| {c} | {s[a]:.1f} | {s[b]:.1f} | {r['geo_mean']:.3f} [{ci}] "
+                f"| {r.get('min', r['geo_mean']):.3f} / {r.get('max', r['geo_mean']):.3f} |"
+            )
     print(f"\nlogs and aiperf artifacts in {work}", file=sys.stderr)
     return 0
+
+
+def summarize(rows: list[dict], stacks: list[str], levels: list[int]) -> dict:
+    """Per level: each stack's mean output tokens/s and the paired ratio of the first stack
+    to the second, pairing the two runs of the same repetition."""
+    out = {}
+    for c in levels:
+        by = {
+            s: {
+                r["repeat"]: r["output_tok_s"]
+                for r in rows
+                if r["stack"] == s and r["concurrency"] == c
+            }
+            for s in stacks
+        }
+        reps = sorted(set(by[stacks[0]]) & set(by[stacks[1]]))
+        out[c] = {s: statistics.fmean(by[s].values()) for s in stacks} | {
+            "ratio": ratio_summary([by[stacks[0]][i] / by[stacks[1]][i] for i in reps])
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -112,3 +112,20 @@ def test_logprobs_go_to_the_book_by_request_and_step():
     book.forget("g")
     apply(PerRequestSampler(book), [future("g", greedy, 5)], scores[:1])
     assert book.take("g", 5, 1) == [None]
+
+
+def test_an_all_greedy_batch_is_not_read_back():
+    """Reading the ticket tensor back costs a device sync per step on an accelerator; a batch
+    where no row registered anything must not do it. A meta tensor raises if it is read."""
+    sampler = PerRequestSampler(LogprobBook())
+    scores = torch.randn(2, 10)
+    sampled = RowSpec(do_sample=True, seed=3)
+    # A sampled batch first: its tickets are claimed, so nothing is left over for the next.
+    apply(sampler, [future("s", sampled), future("g", None)], scores)
+    sampler.prepare_tensor_args([future("g", None), future("h", None)])
+    unreadable = torch.empty(2, dtype=torch.int32, device="meta")
+    assert sampler(scores, unreadable) is scores
+    # And a batch with a registered row still reads its tickets.
+    args = sampler.prepare_tensor_args([future("s", sampled, 1)])
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        sampler(scores[:1], args.to("meta"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -232,3 +233,55 @@ def test_stats_count_tokens_and_requests(engine, collector):
     assert after.requests_received - before.requests_received == 2
     assert after.kv_block_size == 32
     assert after.kv_blocks_used + after.kv_blocks_free >= 256 // 32
+
+
+def test_outputs_come_once_per_step_from_the_manager_thread(tiny_llama_dir):
+    """Each engine step's outputs reach the server as one message, handed over by the manager's
+    own thread (no per-token queue between threads)."""
+    threads: set[str] = set()
+    sizes: list[int] = []
+
+    class Recording(Collector):
+        def emit(self, batch):
+            threads.add(threading.current_thread().name)
+            sizes.append(len(batch.outputs))
+            super().emit(batch)
+
+    collector = Recording()
+    eng = TransformersEngine(
+        tiny_llama_dir, TransformersSettings(device="cpu", max_batch_size=4, block_size=32)
+    )
+    eng.start(collector.emit)
+    try:
+        ids = [1, 2, 3, 4]
+        eng.submit([req(i, 12) for i in ids])
+        collector.wait_finished(ids)
+        assert threads == {eng.manager._generation_thread.name}
+        # 4 requests of 12 tokens: at most one message per step, and the steps where all four
+        # decode together carry four outputs in one message.
+        assert sum(sizes) <= 4 * 12 and max(sizes) == 4
+        stats = eng.stats()
+        assert stats.iterations == len(sizes)
+        assert 0 < stats.last_iteration_ms < 10_000
+    finally:
+        eng.shutdown()
+
+
+def test_a_failing_forward_fails_the_requests_in_it(tiny_llama_dir):
+    collector = Collector()
+    eng = TransformersEngine(
+        tiny_llama_dir, TransformersSettings(device="cpu", max_batch_size=4, block_size=32)
+    )
+    eng.start(collector.emit)
+    try:
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("device lost")
+
+        eng.model.forward = broken
+        eng.submit([req(1, 8), req(2, 8)])
+        collector.wait_finished([1, 2], timeout=30)
+        assert collector.finish[1] == collector.finish[2] == pb.FINISH_REASON_ERROR
+        assert "device lost" in collector.errors[1]
+    finally:
+        eng.shutdown()

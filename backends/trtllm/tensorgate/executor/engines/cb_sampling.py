@@ -145,6 +145,10 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         return row if row is not None else self._previous.pop(ticket, None)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if not self._current and not self._previous:
+            # No row of this batch registered anything (all plain greedy): reading the tickets
+            # back would cost a device-to-host copy, a sync of the accelerator every step.
+            return scores
         rows: list[tuple[int, str, int, RowSpec]] = []
         for i, ticket in enumerate(tensor_arg[: scores.size(0)].tolist()):
             if ticket != NO_TICKET:

@@ -2,8 +2,10 @@
 (`model.init_continuous_batching`): paged KV cache, streaming, cancellation, prefix sharing.
 Runs on CPU (the embedded default) and on CUDA.
 
-One consumer thread takes the manager's streamed results, coalesces everything available into
-one message per engine step and hands it to the server: O(steps) messages, no per-token text.
+The manager's output router is replaced by one that turns each step's results into one wire
+message in the manager's own thread and hands it to the server: one cross-thread hand-off per
+step (as `transformers serve` gets with its result handlers), not one queue put, wake-up and GIL
+hand-over per token. No per-token text.
 Per-request sampling and logprobs are done by our own CB logits processor (see cb_sampling).
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.requests import RequestStatus
+from transformers.generation.continuous_batching.continuous_api import OutputRouter
+from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
 from tensorgate.executor.engine import (
     Emit,
@@ -53,6 +55,21 @@ class _Live:
     stop: frozenset[int]
     logprobs: bool
     top_n: int
+
+
+class _StepRouter(OutputRouter):
+    """Receives every output of the manager, in the manager's thread: one call per step
+    (`deliver_batch`), or one output when a request fails outside a step (`deliver`)."""
+
+    def __init__(self, on_outputs) -> None:
+        super().__init__()
+        self._on_outputs = on_outputs
+
+    def deliver(self, output: GenerationOutput) -> None:
+        self._on_outputs([output])
+
+    def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
+        self._on_outputs(outputs)
 
 
 @dataclass(frozen=True)
@@ -182,17 +199,20 @@ class TransformersEngine(Engine):
         self.manager = self.model.init_continuous_batching(
             generation_config=gen_config, continuous_batching_config=cb_config
         )
-        # Replaced before the loop starts: the batch processor picks it up when it is created.
-        self.manager.logit_processor = build_processor_list(self.book)
-        self._start_manager()
-        cache = self.manager.batch_processor.cache
-        # The cache rounds up to whole sectors: report what was really allocated.
-        self.num_blocks = int(cache.num_blocks)
         self._live: dict[int, _Live] = {}
         self._lock = threading.Lock()  # guards _live and the counters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._emit: Emit | None = None
+        self._last_step: float | None = None  # when the last step's outputs came, if busy since
+        # Both replaced before the loop starts: the batch processor picks them up when it is
+        # created.
+        self.manager.logit_processor = build_processor_list(self.book)
+        self.manager.output_router = _StepRouter(self._on_outputs)
+        self._start_manager()
+        cache = self.manager.batch_processor.cache
+        # The cache rounds up to whole sectors: report what was really allocated.
+        self.num_blocks = int(cache.num_blocks)
 
     def _start_manager(self) -> None:
         """Starts the CB loop now, so a cache that cannot be allocated fails the load (a clear
@@ -249,7 +269,7 @@ class TransformersEngine(Engine):
 
     def start(self, emit: Emit) -> None:
         self._emit = emit
-        self._thread = threading.Thread(target=self._consume, name="cb-consumer", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="cb-watchdog", daemon=True)
         self._thread.start()
 
     def submit(self, requests: list[pb.GenerateRequest]) -> None:
@@ -306,35 +326,29 @@ class TransformersEngine(Engine):
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
-    def _consume(self) -> None:
-        out_queue = self.manager.output_router.output_queue
-        emit = self._emit
-        assert emit is not None
-        while not self._stop.is_set():
-            first = self.manager.get_result(timeout=0.1)
-            if first is None:
-                fatal = self.manager.background_thread_status.fatal_error
-                if fatal is not None:
-                    self._fail_all(f"the engine failed: {fatal}")
-                    return
-                continue
-            started = time.monotonic()
-            # Everything already delivered belongs in this one message (one CB step, or more
-            # if we fell behind).
-            results = [first]
-            while True:
-                try:
-                    results.append(out_queue.get_nowait())
-                except queue.Empty:
-                    break
-            batch = pb.IterationOutput()
-            for res in results:
-                self._add_output(batch, res)
-            if batch.outputs:
-                emit(batch)
-            with self._lock:
-                self.counters.iterations += 1
-                self.counters.last_iteration_ms = (time.monotonic() - started) * 1000
+    def _watch(self) -> None:
+        """Fails every live request if the manager's loop dies: it delivers nothing then."""
+        while not self._stop.wait(0.1):
+            fatal = self.manager.background_thread_status.fatal_error
+            if fatal is not None:
+                self._fail_all(f"the engine failed: {fatal}")
+                return
+
+    def _on_outputs(self, results: list[GenerationOutput]) -> None:
+        """One step's results, in the manager's thread: one message to the server."""
+        now = time.monotonic()
+        batch = pb.IterationOutput()
+        for res in results:
+            self._add_output(batch, res)
+        if batch.outputs and self._emit is not None:
+            self._emit(batch)
+        with self._lock:
+            self.counters.iterations += 1
+            if self._last_step is not None:
+                # From one step's outputs to the next's: a step, when requests were running
+                # all along (the first step after an idle spell is not counted).
+                self.counters.last_iteration_ms = (now - self._last_step) * 1000
+            self._last_step = now if self._live else None
 
     def _add_output(self, batch: pb.IterationOutput, res) -> None:
         rid = int(res.request_id)
