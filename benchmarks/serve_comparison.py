@@ -96,11 +96,25 @@ def warm(url: str, model: str) -> None:
         r.read()
 
 
+def server_cpu(served: Served) -> float:
+    return sum(cpu_seconds(p) for p in served.pids.values())
+
+
 def measure(
-    served: Served, args: argparse.Namespace, model: str, c: int, work: Path, name: str
+    served: Served,
+    args: argparse.Namespace,
+    model: str,
+    c: int,
+    work: Path,
+    name: str,
+    idle: dict[str, Served] | None = None,
 ) -> dict:
+    """One level on one stack; `idle` are the other servers that stay up meanwhile, whose CPU
+    (their idle loops) is reported too."""
+    idle = idle or {}
     total = max(args.rounds * c, 16)
     cpu0 = {k: cpu_seconds(p) for k, p in served.pids.items()}
+    idle0 = {k: server_cpu(v) for k, v in idle.items()}
     t0 = time.monotonic()
     if args.loadgen == "aiperf":
         s = run_aiperf(
@@ -139,6 +153,8 @@ def measure(
         )
     wall = time.monotonic() - t0
     row["cpu_cores"] = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in served.pids.items()}
+    if idle:
+        row["idle_other_cores"] = {k: (server_cpu(v) - idle0[k]) / wall for k, v in idle.items()}
     row.update(stack=name, concurrency=c, requests=total)
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
@@ -236,6 +252,8 @@ def main() -> int:
         from tensorgate.models.embedded import ensure_embedded_model
 
         args.model_dir = str(ensure_embedded_model())
+    if args.repeat > 1 and len(args.stacks.split(",")) != 2:
+        ap.error("--repeat pairs two stacks: give --stacks A,B")
     server_cpus = parse_cpus(args.server_cpus)
     client_cpus = parse_cpus(args.client_cpus)
     if client_cpus is not None:
@@ -265,18 +283,8 @@ def main() -> int:
                     for stack in stacks if rep % 2 == 0 else stacks[::-1]:
                         served, model = up[stack]
                         idle = {s: v[0] for s, v in up.items() if s != stack}
-                        idle_cpu0 = {
-                            s: sum(map(cpu_seconds, v.pids.values())) for s, v in idle.items()
-                        }
-                        t0 = time.monotonic()
-                        row = measure(served, args, model, c, work / f"r{rep}", stack)
-                        wall = time.monotonic() - t0
+                        row = measure(served, args, model, c, work / f"r{rep}", stack, idle)
                         row["repeat"] = rep
-                        # What the server not being measured used meanwhile (its idle loops).
-                        row["idle_other_cores"] = {
-                            s: (sum(map(cpu_seconds, v.pids.values())) - idle_cpu0[s]) / wall
-                            for s, v in idle.items()
-                        }
                         rows.append(row)
         finally:
             for served, _ in up.values():

@@ -66,10 +66,10 @@ class _StepRouter(OutputRouter):
         self._on_outputs = on_outputs
 
     def deliver(self, output: GenerationOutput) -> None:
-        self._on_outputs([output])
+        self._on_outputs([output], step=False)
 
     def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
-        self._on_outputs(outputs)
+        self._on_outputs(outputs, step=True)
 
 
 @dataclass(frozen=True)
@@ -334,14 +334,17 @@ class TransformersEngine(Engine):
                 self._fail_all(f"the engine failed: {fatal}")
                 return
 
-    def _on_outputs(self, results: list[GenerationOutput]) -> None:
-        """One step's results, in the manager's thread: one message to the server."""
+    def _on_outputs(self, results: list[GenerationOutput], step: bool) -> None:
+        """Results in the manager's thread, one message to the server: a step's (`step`), or
+        a request failed outside a step, which is not counted as an iteration."""
         now = time.monotonic()
         batch = pb.IterationOutput()
         for res in results:
             self._add_output(batch, res)
         if batch.outputs and self._emit is not None:
             self._emit(batch)
+        if not step:
+            return
         with self._lock:
             self.counters.iterations += 1
             if self._last_step is not None:
