@@ -190,7 +190,10 @@ def metric(summary: dict, name: str, stat: str) -> float:
 def write_results(args, rows: list[dict], summary: dict | None = None) -> None:
     """The run's arguments, rows and summary (if any) as JSON at `args.out`."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"args": vars(args) | {"out": str(args.out)}, "rows": rows}
+    doc = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": rows,
+    }
     if summary:
         doc["summary"] = summary
     args.out.write_text(json.dumps(doc))

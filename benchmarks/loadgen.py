@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 import aiohttp
@@ -34,11 +35,29 @@ async def run_chat_load(
     input_tokens: int,
     output_tokens: int,
     temperature: float = 0.0,
+    record: bool = False,
+    prompt_spread: float = 0.0,
 ) -> dict:
+    """Closed loop at `concurrency` until `total` requests are done. With `record`, the result
+    also has each request's timeline (wall clock, seconds): start, first and last text chunk,
+    end of stream. `prompt_spread` s > 0 gives request i a prompt of its own length, drawn
+    uniformly from input_tokens * [1 - s, 1 + s] (seeded by i): traffic whose shapes do not
+    repeat from one request to the next, as real traffic's do not."""
+
     # ~1 token per word for these words in llama-family tokenizers.
-    prompt = " ".join(["hello"] * max(input_tokens - 8, 1))
+    def prompt_for(i: int) -> str:
+        n = input_tokens
+        if prompt_spread > 0:
+            n = round(random.Random(i).uniform(1 - prompt_spread, 1 + prompt_spread) * n)
+        return " ".join(["hello"] * max(n - 8, 1))
+
     ttft: list[float] = []
     itl: list[float] = []
+    e2e: list[float] = []
+    # From the last text chunk to the end of the stream ([DONE]): time that neither TTFT nor
+    # ITL shows, but that a closed loop pays before its next request.
+    tail: list[float] = []
+    timelines: list[dict] = []
     out_tokens = 0
     todo = total
     lock = asyncio.Lock()
@@ -50,16 +69,19 @@ async def run_chat_load(
                 if todo == 0:
                     return
                 todo -= 1
+                index = total - todo - 1
             body = {
                 "model": model,
-                "messages": [{"role": "user", "content": prompt}],
+                "messages": [{"role": "user", "content": prompt_for(index)}],
                 "max_tokens": output_tokens,
                 "stream": True,
                 "stream_options": {"include_usage": True},
                 "temperature": temperature,
             }
             start = time.perf_counter()
-            last = None
+            wall0 = time.time()
+            first = last = done = None
+            tokens = 0
             async with session.post(f"{url}/v1/chat/completions", json=body) as r:
                 r.raise_for_status()
                 async for raw in r.content:
@@ -68,10 +90,12 @@ async def run_chat_load(
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        done = time.perf_counter()
                         break
                     chunk = json.loads(data)
                     if chunk.get("usage"):
-                        out_tokens += chunk["usage"].get("completion_tokens", 0)
+                        tokens = chunk["usage"].get("completion_tokens", 0)
+                        out_tokens += tokens
                     has_text = any(
                         (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])
                     )
@@ -80,9 +104,25 @@ async def run_chat_load(
                     now = time.perf_counter()
                     if last is None:
                         ttft.append(now - start)
+                        first = now
                     else:
                         itl.append(now - last)
                     last = now
+            end = time.perf_counter()
+            e2e.append(end - start)
+            if last is not None:
+                tail.append(end - last)
+            if record:
+                timelines.append(
+                    {
+                        "start": wall0,
+                        "first": None if first is None else wall0 + first - start,
+                        "last": None if last is None else wall0 + last - start,
+                        "done": None if done is None else wall0 + done - start,
+                        "end": wall0 + end - start,
+                        "tokens": tokens,
+                    }
+                )
 
     timeout = aiohttp.ClientTimeout(total=3600)
     connector = aiohttp.TCPConnector(limit=0)
@@ -90,11 +130,18 @@ async def run_chat_load(
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {
+    result = {
         "req_s": total / wall,
         "output_tok_s": out_tokens / wall,
         "ttft_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_p99_ms": percentile(ttft, 99) * 1000,
         "itl_p50_ms": percentile(itl, 50) * 1000,
         "itl_p99_ms": percentile(itl, 99) * 1000,
+        "e2e_p50_ms": percentile(e2e, 50) * 1000,
+        "e2e_p99_ms": percentile(e2e, 99) * 1000,
+        "tail_p50_ms": percentile(tail, 50) * 1000,
+        "tail_p99_ms": percentile(tail, 99) * 1000,
     }
+    if record:
+        result["timelines"] = timelines
+    return result

@@ -108,6 +108,7 @@ def measure(
     work: Path,
     name: str,
     idle: dict[str, Served] | None = None,
+    rep: int = 0,
 ) -> dict:
     """One level on one stack; `idle` are the other servers that stay up meanwhile, whose CPU
     (their idle loops) is reported too."""
@@ -149,12 +150,17 @@ def measure(
                 args.input_tokens,
                 args.output_tokens,
                 temperature=args.temperature,
+                record=args.timelines is not None,
+                prompt_spread=args.prompt_spread,
             )
         )
     wall = time.monotonic() - t0
     row["cpu_cores"] = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in served.pids.items()}
     if idle:
         row["idle_other_cores"] = {k: (server_cpu(v) - idle0[k]) / wall for k, v in idle.items()}
+    if "timelines" in row:
+        args.timelines.mkdir(parents=True, exist_ok=True)
+        (args.timelines / f"{name}-c{c}-r{rep}.json").write_text(json.dumps(row.pop("timelines")))
     row.update(stack=name, concurrency=c, requests=total)
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
@@ -246,8 +252,23 @@ def main() -> int:
     # pinning gives the servers and the client cores of their own (taskset's list syntax).
     ap.add_argument("--server-cpus", help="pin both servers to these CPUs, e.g. 0")
     ap.add_argument("--client-cpus", help="pin the load generator (and this script) here")
+    ap.add_argument(
+        "--timelines",
+        type=Path,
+        help="builtin load generator: write each trial's per-request timelines (start, first "
+        "and last text chunk, [DONE], end; wall clock) here, one JSON file per trial",
+    )
+    ap.add_argument(
+        "--prompt-spread",
+        type=float,
+        default=0.0,
+        help="builtin load generator: each request's prompt length is drawn from "
+        "input-tokens * [1 - s, 1 + s], so batch shapes do not repeat (0: all alike)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve_comparison.json"))
     args = ap.parse_args()
+    if args.loadgen != "builtin" and (args.timelines is not None or args.prompt_spread):
+        ap.error("--timelines and --prompt-spread need --loadgen builtin")
     if args.model_dir is None:
         from tensorgate.models.embedded import ensure_embedded_model
 
@@ -283,7 +304,7 @@ def main() -> int:
                     for stack in stacks if rep % 2 == 0 else stacks[::-1]:
                         served, model = up[stack]
                         idle = {s: v[0] for s, v in up.items() if s != stack}
-                        row = measure(served, args, model, c, work / f"r{rep}", stack, idle)
+                        row = measure(served, args, model, c, work / f"r{rep}", stack, idle, rep)
                         row["repeat"] = rep
                         rows.append(row)
         finally:

@@ -12,6 +12,7 @@ from conftest import EOS, Collector
 from tensorgate.executor.engines.transformers_engine import (
     TransformersEngine,
     TransformersSettings,
+    _configure_attention,
 )
 from tensorgate.v1 import executor_pb2 as pb
 
@@ -285,3 +286,20 @@ def test_a_failing_forward_fails_the_requests_in_it(tiny_llama_dir):
         assert "device lost" in collector.errors[1]
     finally:
         eng.shutdown()
+
+
+@pytest.fixture
+def cudnn_sdp_restored():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_cuda_engines_keep_sdpa_off_cudnn(cudnn_sdp_restored):
+    # cuDNN attention plans each new (queries, keys) shape, and the batch's key length changes
+    # every step: on an H100 that was ~75 ms a step (benchmarks/sdpa_shapes.py).
+    _configure_attention(torch.device("cpu"))
+    assert torch.backends.cuda.cudnn_sdp_enabled(), "a CPU engine has no business with it"
+    _configure_attention(torch.device("cuda:0"))
+    assert not torch.backends.cuda.cudnn_sdp_enabled()

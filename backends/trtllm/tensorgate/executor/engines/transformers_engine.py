@@ -98,6 +98,20 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _configure_attention(device: torch.device) -> None:
+    """On CUDA, keep SDPA off cuDNN's attention kernel.
+
+    Continuous batching calls SDPA with a mask whose key length changes at every step (it is
+    the batch's total KV length). With a mask, torch (2.11, H100) picks cuDNN attention, which
+    builds an execution plan for each new shape: ~75 ms of CPU per new length, against 0.2 ms
+    for the memory-efficient kernel, which needs no plan. Real traffic rarely repeats a length,
+    so cuDNN would add most of a plan build to every step (benchmarks/sdpa_shapes.py; docs/
+    benchmarks.md, 2d). Process-wide, and the executor is its own process."""
+    if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("SDPA: cuDNN attention off (it builds a plan per new key length)")
+
+
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # bf16 matmuls are slow on most CPUs; fp32 is the safe CPU default.
@@ -166,6 +180,7 @@ class TransformersEngine(Engine):
             raise EngineError(f"--block-size {s.block_size}: it must be at least 4")
         self.device = _resolve_device(s.device)
         self.dtype = _resolve_dtype(s.dtype, self.device)
+        _configure_attention(self.device)
         config = AutoConfig.from_pretrained(model_dir)
         self.model_id = str(model_dir)
         self.vocab_size = int(config.vocab_size)
