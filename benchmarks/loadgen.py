@@ -41,8 +41,9 @@ async def run_chat_load(
     """Closed loop at `concurrency` until `total` requests are done. With `record`, the result
     also has each request's timeline (wall clock, seconds): start, first and last text chunk,
     end of stream. `prompt_spread` s > 0 gives request i a prompt of its own length, drawn
-    uniformly from input_tokens * [1 - s, 1 + s] (seeded by i): traffic whose shapes do not
-    repeat from one request to the next, as real traffic's do not."""
+    uniformly from input_tokens * [1 - s, 1 + s], seeded by i: within a run the batch shapes
+    do not repeat from one round to the next, as real traffic's do not, while every run sends
+    the same set, so that the two stacks of a pair get the same work."""
 
     # ~1 token per word for these words in llama-family tokenizers.
     def prompt_for(i: int) -> str:

@@ -263,12 +263,15 @@ def main() -> int:
         type=float,
         default=0.0,
         help="builtin load generator: each request's prompt length is drawn from "
-        "input-tokens * [1 - s, 1 + s], so batch shapes do not repeat (0: all alike)",
+        "input-tokens * [1 - s, 1 + s] (the same set in every trial), so batch shapes do not "
+        "repeat from round to round (0: all alike)",
     )
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve_comparison.json"))
     args = ap.parse_args()
     if args.loadgen != "builtin" and (args.timelines is not None or args.prompt_spread):
         ap.error("--timelines and --prompt-spread need --loadgen builtin")
+    if not 0 <= args.prompt_spread < 1:
+        ap.error(f"--prompt-spread {args.prompt_spread}: it must be in [0, 1)")
     if args.model_dir is None:
         from tensorgate.models.embedded import ensure_embedded_model
 
