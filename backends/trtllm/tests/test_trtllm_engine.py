@@ -43,6 +43,8 @@ def start(trtllm_double, collector):
 
     def start(engine_dir=TP1, settings=None, **kw) -> TrtllmEngine:
         engine = TrtllmEngine(engine_dir, settings, gpu_count=lambda: 8, **kw)
+        # The load's warm-up request (test_warm_up_...) is not the tests' business below.
+        trtllm_double.TEST_DOUBLE.requests.clear()
         engine.start(collector.emit)
         engines.append(engine)
         return engine
@@ -195,6 +197,7 @@ def test_non_leader_rank_serves_nothing_and_exits(trtllm_double, monkeypatch):
         load_engine(args)
     assert e.value.code == 0
     assert trtllm_double.TEST_DOUBLE.executors[-1].shutdown_called
+    assert trtllm_double.TEST_DOUBLE.requests == []  # only the leader enqueues, warm-up too
 
 
 # -- info --------------------------------------------------------------------------------------
@@ -231,13 +234,37 @@ def test_info_fp8_and_tp2(start, tmp_path):
     assert engine.pad_id == 0
 
 
-def test_kv_capacity_comes_from_the_executor_stats(start, collector, trtllm_double):
-    engine = start()
-    assert engine.info().kv_capacity_tokens == 0  # not known before an iteration
-    run(engine, collector, req(1, n=3))
-    time.sleep(0.05)
-    ex = trtllm_double.TEST_DOUBLE.executors[-1]
-    assert engine.info().kv_capacity_tokens == ex.max_num_blocks * ex.tokens_per_block
+def test_warm_up_learns_the_kv_capacity_before_serving(trtllm_double):
+    # TensorRT-LLM reports its KV cache only in iteration stats: the load runs one iteration.
+    engine = TrtllmEngine(TP1, gpu_count=lambda: 1)
+    try:
+        ex = trtllm_double.TEST_DOUBLE.executors[-1]
+        assert engine.info().kv_capacity_tokens == ex.max_num_blocks * ex.tokens_per_block > 0
+        (warm,) = trtllm_double.TEST_DOUBLE.requests
+        assert warm.max_tokens == 1 and not warm.streaming
+        s = engine.stats()  # a load-time request is not a served one
+        assert s.requests_received == s.requests_finished == s.tokens_generated == 0
+        assert s.kv_blocks_used == 0 and s.kv_blocks_free == ex.max_num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_warm_up_fails_the_load(trtllm_double):
+    trtllm_double.TEST_DOUBLE.fail_at = {0: 0}  # the warm-up's prompt is token 0
+    with pytest.raises(EngineError, match="warm-up request failed in TensorRT-LLM: test double"):
+        TrtllmEngine(TP1, gpu_count=lambda: 1)
+    assert trtllm_double.TEST_DOUBLE.executors[-1].shutdown_called
+
+
+def test_a_warm_up_that_never_ends_fails_the_load(trtllm_double, monkeypatch):
+    monkeypatch.setattr("tensorgate.executor.engines.trtllm_engine.WARMUP_TIMEOUT_S", 0.3)
+    # A response that never comes: await_responses times out, again and again.
+    monkeypatch.setattr(
+        trtllm_double.Executor, "await_responses", lambda self, *a, **k: time.sleep(0.02) or []
+    )
+    with pytest.raises(EngineError, match="did not finish in 0 s"):
+        TrtllmEngine(TP1, gpu_count=lambda: 1)
+    assert trtllm_double.TEST_DOUBLE.executors[-1].shutdown_called
 
 
 # -- requests ----------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ MISSING_TRTLLM = (
 
 DEFAULT_FREE_GPU_MEMORY_FRACTION = 0.9
 AWAIT_TIMEOUT = datetime.timedelta(milliseconds=100)
+WARMUP_TIMEOUT_S = 600.0
 
 _UNFINISHED = pb.FINISH_REASON_UNSPECIFIED
 _POLICIES = ("guaranteed_no_evict", "max_utilization")
@@ -242,6 +243,60 @@ class TrtllmEngine(Engine):
         self._queued = 0
         self._engine_latency = False
         self._shut = False
+        if self.is_leader:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Runs one 1-token request before serving. TensorRT-LLM reports its KV cache (the
+        blocks it allocated) only in iteration stats, so without a first iteration Info would
+        carry no KV capacity and the router no token budget to admit requests against. It also
+        pays the first request's one-off costs before a client does, and a broken engine fails
+        the load rather than the first request."""
+        t = self._t
+        started = time.monotonic()
+        log.info("warming up: one 1-token request, to learn the KV cache size")
+        try:
+            tid = self._executor.enqueue_request(
+                t.Request(
+                    input_token_ids=[0],
+                    max_tokens=1,
+                    streaming=False,
+                    sampling_config=t.SamplingConfig(1, top_k=1),
+                )
+            )
+        except Exception as e:
+            self._executor.shutdown()
+            raise EngineError(f"TensorRT-LLM refused the warm-up request: {e}") from None
+        deadline = started + WARMUP_TIMEOUT_S
+        while True:
+            # await_responses(id, timeout): executor.cpp.
+            responses = self._executor.await_responses(tid, timeout=AWAIT_TIMEOUT)
+            failed = next((r for r in responses if r.has_error()), None)
+            if failed is not None:
+                self._executor.shutdown()
+                raise EngineError(f"the warm-up request failed in TensorRT-LLM: {failed.error_msg}")
+            if any(r.result.is_final for r in responses):
+                break
+            if time.monotonic() > deadline:
+                self._executor.shutdown()
+                raise EngineError(f"the warm-up request did not finish in {WARMUP_TIMEOUT_S:.0f} s")
+        # The iteration's stats may land just after its response.
+        stats_deadline = time.monotonic() + 2.0
+        while True:
+            self._refresh_stats()
+            max_blocks, _, _, per_block = self._kv
+            if max_blocks or time.monotonic() > stats_deadline:
+                break
+            time.sleep(0.05)
+        if max_blocks:
+            log.info(
+                "warm-up done in %.1f s: KV cache of %d blocks x %d tokens",
+                time.monotonic() - started,
+                max_blocks,
+                per_block,
+            )
+        else:
+            log.warning("no KV cache stats after the warm-up: the router gets no token budget")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrtllmEngine:
