@@ -252,34 +252,16 @@ class TrtllmEngine(Engine):
         carry no KV capacity and the router no token budget to admit requests against. It also
         pays the first request's one-off costs before a client does, and a broken engine fails
         the load rather than the first request."""
-        t = self._t
         started = time.monotonic()
         log.info("warming up: one 1-token request, to learn the KV cache size")
         try:
-            tid = self._executor.enqueue_request(
-                t.Request(
-                    input_token_ids=[0],
-                    max_tokens=1,
-                    streaming=False,
-                    sampling_config=t.SamplingConfig(1, top_k=1),
-                )
-            )
+            self._await_warm_up(started + WARMUP_TIMEOUT_S)
         except Exception as e:
+            # Not serving after all: the executor's threads must not keep the process alive.
             self._executor.shutdown()
-            raise EngineError(f"TensorRT-LLM refused the warm-up request: {e}") from None
-        deadline = started + WARMUP_TIMEOUT_S
-        while True:
-            # await_responses(id, timeout): executor.cpp.
-            responses = self._executor.await_responses(tid, timeout=AWAIT_TIMEOUT)
-            failed = next((r for r in responses if r.has_error()), None)
-            if failed is not None:
-                self._executor.shutdown()
-                raise EngineError(f"the warm-up request failed in TensorRT-LLM: {failed.error_msg}")
-            if any(r.result.is_final for r in responses):
-                break
-            if time.monotonic() > deadline:
-                self._executor.shutdown()
-                raise EngineError(f"the warm-up request did not finish in {WARMUP_TIMEOUT_S:.0f} s")
+            if isinstance(e, EngineError):
+                raise
+            raise EngineError(f"the warm-up request failed in TensorRT-LLM: {e}") from None
         # The iteration's stats may land just after its response.
         stats_deadline = time.monotonic() + 2.0
         while True:
@@ -297,6 +279,30 @@ class TrtllmEngine(Engine):
             )
         else:
             log.warning("no KV cache stats after the warm-up: the router gets no token budget")
+
+    def _await_warm_up(self, deadline: float) -> None:
+        t = self._t
+        try:
+            tid = self._executor.enqueue_request(
+                t.Request(
+                    input_token_ids=[0],
+                    max_tokens=1,
+                    streaming=False,
+                    sampling_config=t.SamplingConfig(1, top_k=1),
+                )
+            )
+        except Exception as e:
+            raise EngineError(f"TensorRT-LLM refused the warm-up request: {e}") from None
+        while True:
+            # await_responses(id, timeout): executor.cpp.
+            responses = self._executor.await_responses(tid, timeout=AWAIT_TIMEOUT)
+            failed = next((r for r in responses if r.has_error()), None)
+            if failed is not None:
+                raise EngineError(f"the warm-up request failed in TensorRT-LLM: {failed.error_msg}")
+            if any(r.result.is_final for r in responses):
+                return
+            if time.monotonic() > deadline:
+                raise EngineError(f"the warm-up request did not finish in {WARMUP_TIMEOUT_S:.0f} s")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrtllmEngine:
