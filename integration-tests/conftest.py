@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def free_port() -> int:
 @dataclass
 class Server:
     url: str
-    socket_path: Path
+    socket_path: Path | None
     proc: subprocess.Popen
+    log_path: Path | None = None
 
     def stats(self) -> executor_pb2.StatsResponse:
         with grpc.insecure_channel(f"unix:{self.socket_path}") as ch:
@@ -40,11 +42,22 @@ class Server:
 
 
 def start_server(
-    extra: list[str], log_path: Path, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen, str, Path]:
+    extra: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    default_socket: bool = False,
+) -> tuple[subprocess.Popen, str, Path | None]:
+    """Starts `tensorgate serve` on 127.0.0.1 in its own session. The executor's socket is put in
+    a fresh directory of the test's unless `default_socket` (then the launcher picks it; None is
+    returned for it)."""
     port = free_port()
-    sock_dir = Path(tempfile.mkdtemp(prefix="tg-it-"))
-    sock = sock_dir / "executor.sock"
+    if default_socket:
+        sock = None
+        socket_args = []
+    else:
+        sock = Path(tempfile.mkdtemp(prefix="tg-it-")) / "executor.sock"
+        socket_args = ["--executor-socket", str(sock)]
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [
@@ -56,8 +69,7 @@ def start_server(
             "127.0.0.1",
             "--port",
             str(port),
-            "--executor-socket",
-            str(sock),
+            *socket_args,
             *extra,
         ],
         stdout=log,
@@ -93,13 +105,29 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+@contextmanager
+def synthetic_server(
+    tmp_path: Path, *extra: str, env: dict[str, str] | None = None, default_socket: bool = False
+) -> Iterator[Server]:
+    """A server on the synthetic engine (fixed cadence, no model), stopped on exit."""
+    log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
+    proc, url, sock = start_server(
+        ["--engine", "synthetic", *extra], log_path, env=env, default_socket=default_socket
+    )
+    try:
+        wait_healthy(proc, url, log_path, 300)
+        yield Server(url=url, socket_path=sock, proc=proc, log_path=log_path)
+    finally:
+        stop(proc)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     proc, url, sock = start_server(["--max-batch-size", "16"], log_path)
     try:
         wait_healthy(proc, url, log_path, STARTUP_TIMEOUT_S)
-        yield Server(url=url, socket_path=sock, proc=proc)
+        yield Server(url=url, socket_path=sock, proc=proc, log_path=log_path)
     finally:
         stop(proc)
 
@@ -109,3 +137,23 @@ def embedded_model_dir() -> Path:
     from tensorgate.models.embedded import ensure_embedded_model
 
     return ensure_embedded_model()
+
+
+def tcp_listeners(pid: int) -> list[tuple[str, int]]:
+    """(address as /proc writes it, port) of every TCP socket `pid` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
+                addr, port = parts[1].split(":")
+                out.append((addr, int(port, 16)))
+    return out

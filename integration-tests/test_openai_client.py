@@ -119,8 +119,9 @@ def test_unsupported_features_are_422_in_openai_shape(client, server):
             model="tgi",
             messages=[{"role": "user", "content": "hi"}],
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
         )
-    assert "tools" in str(e.value)
+    assert "tool_choice" in str(e.value)
     r = requests.post(
         f"{server.url}/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
@@ -185,3 +186,33 @@ def test_top_logprobs_over_the_engine_limit_is_422(client):
             top_logprobs=20,
         )
     assert "top_logprobs" in str(e.value)
+
+
+def test_models_created_is_the_load_time(server, client):
+    import time
+
+    created = client.models.list().data[0].created
+    assert 1_700_000_000 < created <= time.time()
+
+
+def test_message_name_user_and_parallel_tool_calls(server, client):
+    # `name` reaches the chat template and `user` is recorded: both are accepted.
+    r = client.chat.completions.create(
+        model="tgi",
+        messages=[{"role": "user", "content": QUESTION, "name": "ada"}],
+        max_tokens=2,
+        temperature=0,
+        user="end-user-42",
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # Tool calling is served (test_tools.py); its switch without tools changes nothing.
+    r = requests.post(
+        f"{server.url}/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": QUESTION}],
+            "parallel_tool_calls": False,
+            "max_tokens": 2,
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text

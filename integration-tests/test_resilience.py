@@ -7,30 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 import requests
-from conftest import Server, start_server, stop, wait_healthy
+from conftest import Server, synthetic_server, tcp_listeners, wait_healthy
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@contextmanager
-def synthetic_server(tmp_path: Path, *extra: str, env: dict | None = None) -> Iterator[Server]:
-    log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
-    proc, url, sock = start_server(["--engine", "synthetic", *extra], log_path, env=env)
-    try:
-        wait_healthy(proc, url, log_path, 300)
-        yield Server(url=url, socket_path=sock, proc=proc)
-    finally:
-        stop(proc)
 
 
 def children(pid: int) -> dict[int, str]:
@@ -84,6 +72,28 @@ def generate(url: str, max_new_tokens: int, **params) -> requests.Response:
 # Executor crash
 
 
+RESTARTING = re.compile(r"the executor exited with code (-?\d+); restarting in (\d+(?:\.\d+)?)\s*s")
+
+
+def restart_delays(server: Server) -> list[float]:
+    """The restart delays the launcher announced in its log, in order."""
+    assert server.log_path is not None
+    text = server.log_path.read_text(errors="replace")
+    return [float(m.group(2)) for m in RESTARTING.finditer(text)]
+
+
+def wait_new_executor(server: Server, old_pid: int, timeout: float) -> tuple[int, float]:
+    """Polls (every 5 ms) for an executor child other than `old_pid`; its pid and when it
+    was first seen (time.monotonic())."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid, cmd in children(server.proc.pid).items():
+            if pid != old_pid and "-m tensorgate.executor" in cmd:
+                return pid, time.monotonic()
+        time.sleep(0.005)
+    raise AssertionError(f"no new executor within {timeout}s; log:\n{server.log_path.read_text()}")
+
+
 def test_executor_kill_9_errors_streams_then_service_resumes(tmp_path):
     with synthetic_server(tmp_path, "--iteration-ms", "20") as server:
         router_pid = child_pid(server, "tensorgate.router")
@@ -108,6 +118,8 @@ def test_executor_kill_9_errors_streams_then_service_resumes(tmp_path):
             t.start()
         time.sleep(1.0)  # all four are generating
         os.kill(executor_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        new_pid, started_at = wait_new_executor(server, executor_pid, 10)
         for t in threads:
             t.join(timeout=30)
             assert not t.is_alive(), "a request hung after the executor died"
@@ -120,8 +132,14 @@ def test_executor_kill_9_errors_streams_then_service_resumes(tmp_path):
             assert "error" in last, f"stream {i} ended without an error event: {last}"
             assert last["error_type"] == "unavailable"
         plain = results["plain"]
-        assert 500 <= plain.status_code < 600, plain.text
+        # docs/api.md: an executor lost mid-request is 503 `unavailable`, not a generation error.
+        assert plain.status_code == 503, plain.text
+        assert plain.json()["error_type"] == "unavailable", plain.text
         assert "executor" in plain.json()["error"].lower()
+
+        # The launcher announced and kept the first restart delay: 1 s.
+        assert restart_delays(server) == [1.0], server.log_path.read_text()
+        assert 0.95 <= started_at - killed_at <= 2.5, started_at - killed_at
 
         # Unhealthy until the launcher has restarted the executor; then service resumes.
         saw_unhealthy = False
@@ -137,7 +155,77 @@ def test_executor_kill_9_errors_streams_then_service_resumes(tmp_path):
         r = generate(server.url, 5)
         assert r.status_code == 200, r.text
         assert child_pid(server, "tensorgate.router") == router_pid, "the router was restarted"
-        assert child_pid(server, "tensorgate.executor") != executor_pid
+        assert child_pid(server, "tensorgate.executor") == new_pid
+
+
+def test_restart_backoff_doubles_while_starts_fail_and_resets_after_a_good_one(tmp_path):
+    """1 s, doubling while restarted executors die before they are ready, back to 1 s once one
+    has become ready: the delays the launcher logs, and the gaps between a death and the next
+    start as seen in /proc."""
+    with synthetic_server(tmp_path, "--iteration-ms", "20") as server:
+        pid = child_pid(server, "tensorgate.executor")
+        gaps = []
+        # Two restarts killed while still starting (Python imports take far longer than the
+        # 5 ms poll), then one left to become ready, then it too is killed.
+        for kill_before_ready in (True, True, False, True):
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            pid, started_at = wait_new_executor(server, pid, 15)
+            gaps.append(started_at - killed_at)
+            if not kill_before_ready:
+                wait_healthy(server.proc, server.url, server.log_path, 60)
+                time.sleep(1.0)  # the launcher's own readiness poll (0.2 s) has seen it too
+        assert restart_delays(server) == [1.0, 2.0, 4.0, 1.0], (
+            f"{restart_delays(server)}; an executor killed after it was ready resets the backoff"
+        )
+        for gap, delay in zip(gaps, [1.0, 2.0, 4.0, 1.0], strict=True):
+            # The supervisor polls every 0.2 s and its readiness wait as often.
+            assert delay - 0.05 <= gap <= delay + 1.5, (gaps, delay)
+        wait_healthy(server.proc, server.url, server.log_path, 60)
+        assert generate(server.url, 3).status_code == 200
+
+
+def test_client_disconnect_frees_its_reservation(tmp_path):
+    """A client that goes away mid-stream: its tokens are unreserved at once (the scheduler's
+    gauges in /metrics), the generation counts as cancelled, and a request that fits only in
+    the freed budget is admitted within --max-queue-wait-ms."""
+    with synthetic_server(
+        tmp_path,
+        "--iteration-ms",
+        "10",
+        "--max-batch-total-tokens",
+        "1100",
+        "--max-queue-wait-ms",
+        "3000",
+    ) as server:
+        r = requests.post(
+            f"{server.url}/generate_stream",
+            json={"inputs": "hello", "parameters": {"max_new_tokens": 1000}},  # ~10 s
+            stream=True,
+            timeout=60,
+        )
+        # Held until r.close(): a line iterator that is dropped closes the connection with it.
+        lines = r.iter_lines()
+        got = 0
+        for line in lines:
+            if line.startswith(b"data:"):
+                got += 1
+                if got == 3:
+                    break
+        before = scrape(server.url)
+        assert metric_value(before, "tensorgate_reserved_tokens") >= 1000, before
+        assert metric_value(before, "tensorgate_requests_running") == 1
+        assert metric_value(before, "tensorgate_requests_in_flight") == 1
+        r.close()  # the client goes away
+        # Prompt + 200 fits in 1100 only once the 1000 reserved above are free.
+        late = generate(server.url, 200)
+        assert late.status_code == 200, late.text
+        after = scrape(server.url)
+        assert metric_value(after, "tensorgate_reserved_tokens") == 0, after
+        assert metric_value(after, "tensorgate_requests_running") == 0
+        assert metric_value(after, "tensorgate_requests_in_flight") == 0
+        assert metric_value(after, "tensorgate_generations_total", 'reason="cancelled"') == 1
+        assert server.stats().active_requests == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +259,137 @@ def test_sigterm_drains_in_flight_and_refuses_new_requests(tmp_path):
         assert events[-1]["details"]["finish_reason"] == "length", events[-1]
         assert events[-1]["details"]["generated_tokens"] == 150
         assert server.proc.wait(timeout=30) == 0
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """Live (not zombie) processes of session `sid` with their command lines: the launcher
+    starts in a session of its own (conftest), and its children stay in it even when they
+    are given process groups of their own or are orphaned."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
+            continue
+    return {pid: cmd.decode(errors="replace") for pid, cmd in out.items()}
+
+
+def wait_session_gone(sid: int, timeout: float) -> dict[int, str]:
+    """Polls until no process of session `sid` is alive; what is left after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def kill_session(sid: int) -> None:
+    """Cleanup after a failed orphan check: SIGKILL what this test started and left behind."""
+    for pid in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sigint_stops_router_and_executor_without_orphans(tmp_path):
+    with synthetic_server(tmp_path, "--shutdown-timeout", "5") as server:
+        sid = server.proc.pid
+        try:
+            procs = session_processes(sid)
+            kinds = sorted(
+                k
+                for k in ("tensorgate.router", "tensorgate.executor")
+                for c in procs.values()
+                if f"-m {k}" in c
+            )
+            assert kinds == ["tensorgate.executor", "tensorgate.router"], procs
+            server.proc.send_signal(signal.SIGINT)
+            assert server.proc.wait(timeout=30) == 0, server.log_path.read_text()
+            left = wait_session_gone(sid, 5)
+            assert not left, f"processes outlived the launcher: {left}"
+            assert not server.socket_path.exists(), "executor socket left behind"
+        finally:
+            kill_session(sid)
+
+
+def test_sigkilled_launcher_leaves_no_orphans(tmp_path):
+    """PR_SET_PDEATHSIG: the executor and the router get SIGTERM when the launcher dies."""
+    with synthetic_server(tmp_path, "--shutdown-timeout", "5") as server:
+        sid = server.proc.pid
+        try:
+            children_before = {p: c for p, c in session_processes(sid).items() if p != sid}
+            assert len(children_before) == 2, children_before
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=10)
+            # The router drains for at most --shutdown-timeout (nothing is in flight here).
+            left = wait_session_gone(sid, 5 + 5)
+            assert not left, f"orphans of a SIGKILLed launcher: {left}"
+        finally:
+            kill_session(sid)
+
+
+def test_shutdown_timeout_cuts_off_a_request_that_runs_past_it(tmp_path):
+    """Requests still running when --shutdown-timeout runs out end with an error (a final
+    error event on a stream, 503 otherwise), and the server exits 0 in time."""
+    timeout_s = 3
+    with synthetic_server(
+        tmp_path, "--iteration-ms", "20", "--shutdown-timeout", str(timeout_s)
+    ) as server:
+        sid = server.proc.pid
+        out: dict[str, object] = {}
+
+        def stream() -> None:
+            try:
+                with requests.post(
+                    f"{server.url}/generate_stream",
+                    json={"inputs": "hello", "parameters": {"max_new_tokens": 2000}},  # 40 s
+                    stream=True,
+                    timeout=60,
+                ) as r:
+                    out["events"] = sse_events(r)
+            except requests.RequestException as e:
+                out["stream_error"] = e
+            out["stream_end"] = time.monotonic()
+
+        def blocking() -> None:
+            try:
+                out["plain"] = generate(server.url, 2000)
+            except requests.RequestException as e:
+                out["plain_error"] = e
+            out["plain_end"] = time.monotonic()
+
+        try:
+            threads = [threading.Thread(target=stream), threading.Thread(target=blocking)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            server.proc.send_signal(signal.SIGTERM)
+            term_at = time.monotonic()
+            assert server.proc.wait(timeout=timeout_s + 10) == 0, server.log_path.read_text()
+            exited_after = time.monotonic() - term_at
+            for t in threads:
+                t.join(timeout=10)
+                assert not t.is_alive(), "a request outlived the server"
+            assert not wait_session_gone(sid, 5)
+        finally:
+            kill_session(sid)
+        # Cut at the timeout: not before (they got their time), not much after.
+        for end in ("stream_end", "plain_end"):
+            assert timeout_s - 0.5 <= out[end] - term_at <= timeout_s + 3, (end, out)
+        assert exited_after <= timeout_s + 5, exited_after
+        assert "stream_error" not in out, out
+        events = out["events"]
+        assert "token" in events[0], events[0]
+        assert len(events) < 2000
+        assert "error" in events[-1], f"the cut stream ended without an error event: {events[-1]}"
+        assert events[-1]["error_type"] == "unavailable", events[-1]
+        assert "plain_error" not in out, out
+        assert out["plain"].status_code == 503, out["plain"].text
+        assert out["plain"].json()["error_type"] == "unavailable", out["plain"].text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +564,12 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     raise AssertionError(f"{prefix} not in /metrics:\n{text}")
 
 
+def scrape(url: str) -> str:
+    r = requests.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.text
+
+
 def test_metrics_count_what_happened(tmp_path):
     with synthetic_server(tmp_path, "--iteration-ms", "5") as server:
         for _ in range(3):
@@ -448,18 +673,5 @@ def test_executor_socket_is_private_and_nothing_else_listens(server):
     mode = server.socket_path.stat().st_mode & 0o777
     assert mode == 0o600, oct(mode)
     executor = child_pid(server, "tensorgate.executor")
-    inodes = set()
-    for fd in Path(f"/proc/{executor}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    listening = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            parts = line.split()
-            if parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
-                listening.append(parts[1])
+    listening = tcp_listeners(executor)
     assert not listening, f"the executor listens on TCP: {listening}"

@@ -50,3 +50,26 @@ def test_validation_error_is_raised_as_such(server):
         assert "max_total_tokens" in str(e)
     else:
         raise AssertionError("expected a ValidationError")
+
+
+def test_chat(server):
+    """text-generation's chat sends every field it knows, unset ones as null
+    (repetition_penalty included): the OpenAI route takes them all."""
+    from text_generation.types import Message
+
+    client = Client(server.url, timeout=300)
+    resp = client.chat(
+        messages=[Message(role="user", content="What is the capital of France?")],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert resp.choices[0].message.content
+    usage = resp.usage if isinstance(resp.usage, dict) else resp.usage.__dict__
+    assert usage["completion_tokens"] <= 12
+    resp = client.chat(
+        messages=[Message(role="user", content="Say hello.")],
+        max_tokens=8,
+        repetition_penalty=1.3,
+        seed=1,
+    )
+    assert resp.choices[0].finish_reason in ("stop", "length")

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::generation::tool_parsers::ToolCallParser;
+
 #[derive(Parser, Debug, Clone)]
 #[command(name = "tensorgate-router", version, about = "tensorgate HTTP router")]
 pub struct Config {
@@ -29,11 +31,11 @@ pub struct Config {
     pub model_id: Option<String>,
 
     /// Lower the executor's prompt limit (never raise it).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_input_tokens: Option<u32>,
 
     /// Lower the executor's prompt + generation limit (never raise it).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..))]
     pub max_total_tokens: Option<u32>,
 
     /// Most stop sequences one request may carry.
@@ -41,15 +43,15 @@ pub struct Config {
     pub max_stop_sequences: usize,
 
     /// Longest stop sequence, in bytes.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     pub max_stop_sequence_bytes: usize,
 
     /// Requests in flight beyond which new ones are refused with 429.
-    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 128)]
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 128, value_parser = at_least_one)]
     pub max_concurrent_requests: usize,
 
     /// Largest accepted request body, in bytes (413 beyond).
-    #[arg(long, default_value_t = 2_000_000)]
+    #[arg(long, default_value_t = 2_000_000, value_parser = at_least_one)]
     pub payload_limit: usize,
 
     /// How `inputs` of the TGI routes become a prompt: `raw` (TGI's behaviour) or `chat`
@@ -58,13 +60,19 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = PromptFormat::Raw)]
     pub prompt_format: PromptFormat,
 
+    /// How the model writes tool calls (`tools` on /v1/chat/completions): `hermes`
+    /// (`<tool_call>` JSON: Hermes, Qwen), `llama3_json` (Llama 3.x), `mistral`
+    /// (`[TOOL_CALLS]`), or `auto`: detected from the chat template (hermes when it shows none).
+    #[arg(long, value_enum, default_value_t = ToolCallParser::Auto)]
+    pub tool_call_parser: ToolCallParser,
+
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     pub json_output: bool,
 
     /// Tokens (prompt + max_new_tokens) that running requests may reserve together; requests
     /// beyond it wait in the admission queue. Default: the executor's KV cache capacity.
-    #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]
+    #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_batch_total_tokens: Option<u64>,
 
     /// Longest a request may wait for admission before it is refused with 503.
@@ -92,9 +100,52 @@ pub struct Config {
     pub stats_interval_ms: u64,
 }
 
+/// A size flag that 0 would break (no body, no request in flight, no stop sequence).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PromptFormat {
     Raw,
     Chat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, clap::Error> {
+        let mut argv = vec![
+            "tensorgate-router",
+            "--executor-socket",
+            "/tmp/x.sock",
+            "--tokenizer",
+            "/tmp/t",
+        ];
+        argv.extend_from_slice(extra);
+        Config::try_parse_from(argv)
+    }
+
+    #[test]
+    fn sizes_of_zero_are_refused_naming_the_flag() {
+        for flag in [
+            "--max-input-tokens",
+            "--max-total-tokens",
+            "--max-stop-sequence-bytes",
+            "--max-concurrent-requests",
+            "--payload-limit",
+            "--max-batch-total-tokens",
+        ] {
+            let e = parse(&[flag, "0"]).expect_err(flag).to_string();
+            assert!(e.contains(flag), "{flag}: {e}");
+        }
+        let c = parse(&["--max-input-tokens", "7", "--payload-limit", "10"]).expect("valid");
+        assert_eq!((c.max_input_tokens, c.payload_limit), (Some(7), 10));
+    }
 }

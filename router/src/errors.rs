@@ -1,11 +1,11 @@
-//! Typed router errors and their one mapping to HTTP.
+//! Typed router errors and their one mapping to HTTP (status, both bodies, log level).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use crate::validation::ValidationError;
+use crate::generation::validation::ValidationError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -50,6 +50,26 @@ impl RouterError {
         }
     }
 
+    /// Whether the client caused it (bad input, wrong key, too many requests): those are not
+    /// logged as failures. A failed generation (424) or a missing executor (503) is ours.
+    pub fn is_client_fault(&self) -> bool {
+        match self {
+            RouterError::Validation(_)
+            | RouterError::Tokenizer(_)
+            | RouterError::Template(_)
+            | RouterError::Unauthorized(_)
+            | RouterError::Overloaded(_) => true,
+            RouterError::Unavailable(_) | RouterError::Generation(_) => false,
+        }
+    }
+
+    /// Logs a failure that is not the client's at warn level, once, where it is answered.
+    pub fn log(&self) {
+        if !self.is_client_fault() {
+            tracing::warn!(error = %self, status = self.status().as_u16(), "request failed");
+        }
+    }
+
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: self.to_string(),
@@ -67,11 +87,8 @@ pub struct ErrorBody {
 
 impl IntoResponse for RouterError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(error = %self, "request failed");
-        }
-        (status, Json(self.body())).into_response()
+        self.log();
+        (self.status(), Json(self.body())).into_response()
     }
 }
 
@@ -105,9 +122,10 @@ impl OpenAiErrorBody {
 
 impl RouterError {
     pub fn openai_body(&self) -> OpenAiErrorBody {
-        let kind = match self.status().as_u16() {
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
+        let kind = if self.is_client_fault() {
+            "invalid_request_error"
+        } else {
+            "server_error"
         };
         // One validator serves both families; OpenAI clients know their own field names.
         let mut message = self.to_string();
@@ -142,6 +160,9 @@ impl RouterError {
                 "stop"
             }
             ValidationError::TopNTokens { .. } => "top_n_tokens",
+            ValidationError::Grammar { field, .. }
+            | ValidationError::TokenId { field, .. }
+            | ValidationError::Invalid { field, .. } => field,
             ValidationError::Admission(_) => "max_new_tokens",
         })
     }
@@ -163,18 +184,95 @@ impl From<RouterError> for OpenAiError {
     }
 }
 
-impl From<crate::validation::ValidationError> for OpenAiError {
-    fn from(e: crate::validation::ValidationError) -> Self {
+impl From<ValidationError> for OpenAiError {
+    fn from(e: ValidationError) -> Self {
         OpenAiError(RouterError::Validation(e))
     }
 }
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let status = self.0.status();
-        if status.is_server_error() {
-            tracing::warn!(error = %self.0, "request failed");
+        self.0.log();
+        (self.0.status(), Json(self.0.openai_body())).into_response()
+    }
+}
+
+/// An error in the shape of the route it answers: OpenAI's under /v1, TGI's elsewhere.
+pub fn error_response(path: &str, e: RouterError) -> Response {
+    if path.starts_with("/v1/") {
+        OpenAiError(e).into_response()
+    } else {
+        e.into_response()
+    }
+}
+
+/// Why the router could not start; printed once and the process exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot load the tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("cannot load the chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Executor(String),
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn openai_json(e: RouterError) -> (StatusCode, serde_json::Value) {
+        let r = error_response("/v1/completions", e);
+        let status = r.status();
+        let bytes = r.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&bytes).expect("json"))
+    }
+
+    #[tokio::test]
+    async fn a_failed_generation_is_a_server_error_on_v1() {
+        let (status, body) = openai_json(RouterError::Generation("the engine failed".into())).await;
+        assert_eq!(status, StatusCode::FAILED_DEPENDENCY);
+        assert_eq!(body["error"]["type"], "server_error");
+        assert_eq!(body["error"]["code"], "generation");
+    }
+
+    #[tokio::test]
+    async fn client_faults_are_invalid_requests_on_v1() {
+        for e in [
+            RouterError::Validation(ValidationError::EmptyInput),
+            RouterError::Overloaded("full".into()),
+            RouterError::Unauthorized("no key".into()),
+        ] {
+            let (_, body) = openai_json(e).await;
+            assert_eq!(body["error"]["type"], "invalid_request_error");
         }
-        (status, Json(self.0.openai_body())).into_response()
+        let (status, body) = openai_json(RouterError::Unavailable("gone".into())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"]["type"], "server_error");
+    }
+
+    #[test]
+    fn only_our_failures_are_logged() {
+        assert!(!RouterError::Generation("x".into()).is_client_fault());
+        assert!(!RouterError::Unavailable("x".into()).is_client_fault());
+        assert!(RouterError::Validation(ValidationError::EmptyInput).is_client_fault());
+    }
+
+    #[test]
+    fn tgi_paths_keep_tgi_shape() {
+        let r = error_response("/generate", RouterError::Generation("boom".into()));
+        assert_eq!(r.status(), StatusCode::FAILED_DEPENDENCY);
     }
 }

@@ -5,13 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
-
-use crate::errors::RouterError;
-use crate::infer::Infer;
-use crate::server::error_response;
+use crate::generation::infer::Infer;
 
 #[derive(Clone, Default)]
 pub struct Lifecycle {
@@ -26,23 +20,6 @@ impl Lifecycle {
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
-}
-
-/// While draining, every route but /metrics answers 503 (so /health tells load balancers).
-pub async fn refuse_when_draining(
-    State(lifecycle): State<Lifecycle>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if lifecycle.is_draining() && req.uri().path() != "/metrics" {
-        return error_response(
-            req.uri().path(),
-            RouterError::Unavailable(
-                "the server is shutting down and takes no new requests".into(),
-            ),
-        );
-    }
-    next.run(req).await
 }
 
 /// Waits for a stop signal, then drains: returns once nothing is in flight or `timeout`
@@ -63,8 +40,18 @@ pub async fn drain_on_signal(lifecycle: Lifecycle, infer: Arc<Infer>, timeout: D
     if left > 0 {
         tracing::warn!(
             in_flight = left,
-            "shutdown timeout reached; closing with requests in flight"
+            "shutdown timeout reached; ending the requests still in flight with 503"
         );
+        infer.fail_in_flight(&format!(
+            "the server is shutting down and --shutdown-timeout ({} s) ran out before this \
+             request finished",
+            timeout.as_secs()
+        ));
+        // Give their streams a moment to send the error before the connections close.
+        let grace = Instant::now();
+        while infer.in_flight() > 0 && grace.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     } else {
         tracing::info!("drained");
     }

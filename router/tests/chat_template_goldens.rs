@@ -2,8 +2,10 @@
 //! `apply_chat_template(..., tokenize=False)` does.
 //!
 //! Each tests/data/chat_templates/*.json holds a model's chat template, its bos/eos tokens and
-//! cases with the string transformers renders ("expected") or the message of the exception
-//! the template raises ("expected_error"). scripts/gen-chat-template-goldens regenerates
+//! cases (messages, with tool calls and tool results where the template knows them, and
+//! optionally "tools", passed as `apply_chat_template(..., tools=...)` takes them) with the
+//! string transformers renders ("expected") or the message of the exception the template
+//! raises ("expected_error"). scripts/gen-chat-template-goldens regenerates
 //! them with transformers; backends/trtllm/tests/test_chat_template_goldens.py checks that
 //! they still match it.
 //!
@@ -15,7 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tensorgate_router::chat_template::{ChatMessage, ChatTemplate};
+use tensorgate_router::generation::chat_template::{ChatMessage, ChatTemplate};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat_templates")
@@ -90,6 +92,15 @@ fn messages(case: &Value, what: &str) -> Vec<ChatMessage> {
         .map(|m| ChatMessage {
             role: text(m, "role", what).to_string(),
             content: text(m, "content", what).to_string(),
+            name: None,
+            tool_calls: m.get("tool_calls").map(|c| {
+                c.as_array()
+                    .unwrap_or_else(|| panic!("{what}: \"tool_calls\" must be a list"))
+                    .clone()
+            }),
+            tool_call_id: m
+                .get("tool_call_id")
+                .map(|_| text(m, "tool_call_id", what).to_string()),
         })
         .collect()
 }
@@ -124,7 +135,8 @@ fn rust_renders_real_chat_templates_as_transformers_does() {
             // Renders with the date read before and after agreeing (not across midnight).
             let (rendered, dates) = loop {
                 let before = clock_substitutions(&golden);
-                let rendered = template.render(&msgs, add_generation_prompt);
+                let rendered =
+                    template.render_with_tools(&msgs, case.get("tools"), add_generation_prompt);
                 if clock_substitutions(&golden) == before {
                     break (rendered, before);
                 }
@@ -180,6 +192,7 @@ fn the_pinned_clock_is_replaced_by_todays_date() {
     let user = ChatMessage {
         role: "user".into(),
         content: "Hi".into(),
+        ..Default::default()
     };
     let before = strftime_now("%d %b %Y");
     let out = template.render(&[user], true).expect("render");

@@ -9,9 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+from tensorgate.executor.settings import ENGINE_NAMES, ExecutorSettings, add_arguments
 from tensorgate.log_setup import setup_logging
 
-ENGINES = ("auto", "transformers", "trtllm", "synthetic")
+ENGINES = ("auto", *ENGINE_NAMES)
 
 
 def build_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,17 +26,8 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--engine", choices=ENGINES, default="auto")
     s.add_argument("--hostname", default="0.0.0.0", help="HTTP bind address (default 0.0.0.0)")
     s.add_argument("--port", type=int, default=3000)
-    s.add_argument("--device", default="auto", help="transformers engine: cpu, cuda or auto")
-    s.add_argument("--dtype", default="auto", help="transformers engine: auto, float32, bfloat16")
-    s.add_argument("--max-batch-size", type=int, help="most requests the engine runs at once")
-    s.add_argument("--max-input-tokens", type=int, help="most prompt tokens per request")
-    s.add_argument("--max-total-tokens", type=int, help="most prompt + generated tokens")
-    s.add_argument(
-        "--kv-cache-blocks", type=int, help="transformers engine: KV cache size in blocks of 64"
-    )
-    s.add_argument(
-        "--max-num-tokens", type=int, help="transformers engine: tokens per step (prefill budget)"
-    )
+    # The executor's and engines' settings, declared once for both command lines.
+    add_arguments(s, serve=True)
     s.add_argument(
         "--max-concurrent-requests",
         type=int,
@@ -68,7 +60,6 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="allow this origin by CORS (repeatable; * for any). Default: CORS off",
     )
     s.add_argument("--executor-socket", type=Path, help="unix socket path for the executor")
-    s.add_argument("--iteration-ms", type=float, help="synthetic engine: time per iteration")
     s.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -83,23 +74,14 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
         "(auto: chat for the embedded instruct model, raw otherwise)",
     )
     s.add_argument(
+        "--tool-call-parser",
+        choices=("auto", "hermes", "llama3_json", "mistral"),
+        default="auto",
+        help="how the model writes tool calls on /v1/chat/completions (auto: detected from "
+        "the chat template)",
+    )
+    s.add_argument(
         "--json-output", action="store_true", help="log JSON lines (router, executor, launcher)"
-    )
-    s.add_argument(
-        "--kv-cache-free-gpu-memory-fraction",
-        type=float,
-        help="trtllm engine: share of free GPU memory for the KV cache (default 0.9)",
-    )
-    s.add_argument(
-        "--enable-kv-block-reuse",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="trtllm engine: KV cache prefix reuse (default on)",
-    )
-    s.add_argument(
-        "--capacity-scheduler-policy",
-        choices=("guaranteed_no_evict", "max_utilization"),
-        help="trtllm engine: capacity scheduler policy (default guaranteed_no_evict)",
     )
 
 
@@ -111,32 +93,11 @@ def _executor_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
         str(source.model_dir),
         "--uds-path",
         str(socket),
-        "--device",
-        a.device,
-        "--dtype",
-        a.dtype,
     ]
-    for flag, value in (
-        ("--max-batch-size", a.max_batch_size),
-        ("--max-input-tokens", a.max_input_tokens),
-        ("--max-total-tokens", a.max_total_tokens),
-        ("--iteration-ms", a.iteration_ms),
-        ("--kv-cache-blocks", a.kv_cache_blocks),
-        ("--max-num-tokens", a.max_num_tokens),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
+    # Checked as they were parsed, with the executor's own checks: it will accept them.
+    args += ExecutorSettings.from_namespace(a, serve=True).to_argv()
     if source.engine == "trtllm":
         args += ["--tokenizer-name", str(source.tokenizer_dir)]
-        for flag, value in (
-            ("--kv-cache-free-gpu-memory-fraction", a.kv_cache_free_gpu_memory_fraction),
-            ("--capacity-scheduler-policy", a.capacity_scheduler_policy),
-        ):
-            if value is not None:
-                args += [flag, str(value)]
-        if a.enable_kv_block_reuse is not None:
-            flag = "--enable-kv-block-reuse"
-            args.append(flag if a.enable_kv_block_reuse else "--no-enable-kv-block-reuse")
     if a.json_output:
         args.append("--json-output")
     return args
@@ -177,6 +138,7 @@ def _router_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
         embedded = a.model_id is None and source.engine != "synthetic"
         prompt_format = "chat" if embedded else "raw"
     args += ["--prompt-format", prompt_format]
+    args += ["--tool-call-parser", a.tool_call_parser]
     if a.json_output:
         args.append("--json-output")
     return args
@@ -225,11 +187,15 @@ def serve(a: argparse.Namespace) -> int:
         return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorgate")
     sub = parser.add_subparsers(dest="command", required=True)
     build_serve_parser(sub)
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     setup_logging(getattr(a, "json_output", False))
     if a.command == "serve":
         return serve(a)

@@ -11,6 +11,11 @@ from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+# Libraries' loggers that bring their own stderr handler (their own line format, outside
+# --json-output) and narrate at INFO (transformers' continuous batching: its cache set-up, and
+# its thread stopping on every shutdown): ours format them, warnings and errors only.
+QUIET_LIBRARY_LOGGERS = ("ContinuousBatchingLogger",)
+
 # tracing's level names
 _LEVELS = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 
@@ -37,5 +42,11 @@ def setup_logging(json_output: bool = False, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in QUIET_LIBRARY_LOGGERS:
+        # Set up before the library is imported: it then keeps ours rather than adding its own.
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.WARNING)
     # Library warnings become records too, so they come out in the same format.
     logging.captureWarnings(True)

@@ -125,3 +125,18 @@ def make_trtllm_engine_dir(
         cfg["build_config"].update(build_config)
         (d / "config.json").write_text(json.dumps(cfg, indent=4))
     return d
+
+
+@pytest.fixture
+def llmapi_double(monkeypatch: pytest.MonkeyPatch):
+    """Puts the TEST DOUBLE of `tensorrt_llm` (tests/doubles, NOT TensorRT-LLM) into
+    sys.modules for one test and yields its LLM API module (`tensorrt_llm.llmapi.llm`)."""
+    _drop_tensorrt_llm_modules()
+    monkeypatch.syspath_prepend(str(TRTLLM_DOUBLES))
+    import tensorrt_llm.llmapi.llm as double
+
+    assert double.IS_TEST_DOUBLE
+    double.reset()
+    yield double
+    double.reset()
+    _drop_tensorrt_llm_modules()

@@ -119,6 +119,8 @@ def test_builds_with_the_given_limits_and_copies_the_tokenizer(tmp_path):
         "--max_input_len 1024",
         "--max_seq_len 2048",
         "--max_beam_width 1",
+        # Chunked context (and so streaming under max_utilization) needs it.
+        "--use_paged_context_fmha enable",
     ):
         assert part in calls[1]
     assert (out / "tokenizer.json").is_file()

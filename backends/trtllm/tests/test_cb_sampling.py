@@ -11,12 +11,19 @@ from transformers.generation.continuous_batching.requests import (
     FutureRequestState,
     RequestState,
 )
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
+from tensorgate.executor.engines.cb_penalties import TokenHistory, typical_
 from tensorgate.executor.engines.cb_sampling import (
     LogprobBook,
     PerRequestSampler,
     RowSpec,
+    RowState,
     _top_k_,
     _top_p_,
 )
@@ -24,11 +31,15 @@ from tensorgate.executor.engines.cb_sampling import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def future(request_id: str, spec: RowSpec | None, generated: int = 0) -> FutureRequestState:
-    state = RequestState(request_id=request_id, initial_tokens=[1, 2, 3])
+def future(
+    request_id: str, spec: RowSpec | None, generated: int = 0, row: RowState | None = None
+) -> FutureRequestState:
+    state = RequestState(request_id=request_id, initial_tokens=[1, 2, 3], max_new_tokens=100)
     state.generated_tokens = list(range(generated))
     if spec is not None:
         state.logit_processor_kwargs = {"row_spec": spec}
+    if row is not None:
+        state.logit_processor_kwargs["row_state"] = row
     return FutureRequestState(state, has_new_token=True, complete_blocks={}, query_length=1)
 
 
@@ -129,3 +140,183 @@ def test_an_all_greedy_batch_is_not_read_back():
     args = sampler.prepare_tensor_args([future("s", sampled, 1)])
     with pytest.raises((NotImplementedError, RuntimeError)):
         sampler(scores[:1], args.to("meta"))
+
+
+# --- penalties, logit bias, min_new_tokens: each as its definition says, on a fixed row ------
+
+
+def fixed_row(vocab: int = 32) -> torch.Tensor:
+    torch.manual_seed(7)
+    row = torch.randn(vocab) * 2
+    row[3], row[7], row[9] = 2.5, -1.5, 0.75  # a positive, a negative, another positive
+    return row
+
+
+def test_repetition_penalty_is_hf_over_prompt_and_generated():
+    row = fixed_row()
+    state = RowState(prompt=[3, 7])
+    state.history = TokenHistory([3, 7], row.numel(), row.device)
+    state.history.add(9)  # generated earlier
+    spec = RowSpec(repetition_penalty=1.7)
+    out = apply(PerRequestSampler(LogprobBook()), [future("r", spec, 1, state)], row[None])
+    theirs = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[3, 7, 9]]), row[None].clone())
+    assert torch.allclose(out[0], theirs[0])
+    assert out[0, 3] == pytest.approx(2.5 / 1.7) and out[0, 7] == pytest.approx(-1.5 * 1.7)
+    untouched = [i for i in range(row.numel()) if i not in (3, 7, 9)]
+    assert torch.equal(out[0, untouched], row[untouched])
+
+
+def test_frequency_and_presence_penalties_are_openai_over_generated_only():
+    row = fixed_row()
+    state = RowState(prompt=[7])  # in the prompt only: not penalized by these two
+    state.history = TokenHistory([7], row.numel(), row.device)
+    for t in (3, 3, 9):
+        state.history.add(t)
+    spec = RowSpec(frequency_penalty=0.5, presence_penalty=0.25)
+    out = apply(PerRequestSampler(LogprobBook()), [future("r", spec, 3, state)], row[None])[0]
+    assert out[3] == pytest.approx(2.5 - 2 * 0.5 - 0.25)
+    assert out[9] == pytest.approx(0.75 - 1 * 0.5 - 0.25)
+    assert out[7] == row[7]
+    others = [i for i in range(row.numel()) if i not in (3, 9)]
+    assert torch.equal(out[others], row[others])
+
+
+def test_negative_presence_penalty_favours_seen_tokens():
+    row = fixed_row()
+    state = RowState(prompt=[])
+    state.history = TokenHistory([], row.numel(), row.device)
+    state.history.add(9)
+    out = apply(
+        PerRequestSampler(LogprobBook()),
+        [future("r", RowSpec(presence_penalty=-1.0), 1, state)],
+        row[None],
+    )[0]
+    assert out[9] == pytest.approx(0.75 + 1.0)
+
+
+def test_logit_bias_removes_and_forces_tokens():
+    row = fixed_row()
+    greedy = int(row.argmax())
+    ban = RowSpec(logit_bias=((greedy, -100.0),))
+    force = RowSpec(logit_bias=((11, 100.0),))
+    rows = [future("ban", ban, row=RowState([])), future("force", force, row=RowState([]))]
+    out = apply(PerRequestSampler(LogprobBook()), rows, row.repeat(2, 1))
+    assert out[0, greedy] == pytest.approx(row[greedy] - 100.0)
+    assert int(out[0].argmax()) != greedy
+    assert int(out[1].argmax()) == 11
+    assert out[1, 11] == pytest.approx(row[11] + 100.0)
+
+
+def test_min_new_tokens_masks_the_end_ids_until_reached():
+    row = fixed_row()
+    row[5] = 50.0  # an eos the model wants now
+    spec = RowSpec(min_new_tokens=3, end_ids=(5, 9))
+    sampler = PerRequestSampler(LogprobBook())
+    early = apply(sampler, [future("m", spec, generated=2)], row[None])[0]
+    assert early[5] == -math.inf and early[9] == -math.inf
+    assert int(early.argmax()) != 5
+    reached = apply(sampler, [future("m", spec, generated=3)], row[None])[0]
+    assert torch.equal(reached, row)
+
+
+@pytest.mark.parametrize("mass", [0.2, 0.5, 0.9, 0.99])
+def test_typical_p_matches_transformers(mass):
+    torch.manual_seed(int(mass * 100))
+    logits = torch.randn(1, 64) * 3
+    ours = logits[0].clone()
+    typical_(ours, mass)
+    theirs = TypicalLogitsWarper(mass=mass)(None, logits.clone())[0]
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert not torch.isinf(ours).all()
+
+
+def test_chosen_tokens_are_recorded_and_a_plain_neighbour_is_untouched():
+    torch.manual_seed(3)
+    scores = torch.randn(3, 40)
+    state = RowState(prompt=[1, 2])
+    spec = RowSpec(do_sample=True, seed=4, repetition_penalty=1.3)
+    sampler = PerRequestSampler(LogprobBook())
+    rows = [future("g", None), future("s", spec, 0, state), future("h", None)]
+    out = apply(sampler, rows, scores)
+    assert torch.equal(out[0], scores[0]) and torch.equal(out[2], scores[2])
+    assert state.generated == [int(out[1].argmax())]
+    # The history follows the recorded tokens: the next step penalizes the chosen one too.
+    chosen = state.generated[0]
+    assert bool(state.history.seen[chosen]) and state.history.counts[chosen] == 1
+
+
+def test_the_row_state_survives_transformers_deep_copy():
+    import copy
+
+    state = RowState(prompt=[1])
+    kwargs = {"row_spec": RowSpec(), "row_state": state}
+    assert copy.deepcopy(kwargs)["row_state"] is state
+
+
+class FakeMatcher:
+    """Allows only `allowed`; fails on consume when told to; stops after `stop_after` tokens."""
+
+    def __init__(self, allowed: list[int], fail: bool = False, stop_after: int = 99) -> None:
+        self.allowed, self.fail, self.stop_after, self.consumed = allowed, fail, stop_after, []
+
+    def is_error(self) -> bool:
+        return False
+
+    def get_error(self) -> str:
+        return "token not allowed by the grammar" if self.fail else ""
+
+    def consume_token(self, token: int) -> bool:
+        self.consumed.append(token)
+        return not self.fail
+
+    def is_stopped(self) -> bool:
+        return len(self.consumed) >= self.stop_after
+
+
+class FakeGrammar:
+    def allowed(self, matchers, device):
+        mask = torch.zeros(len(matchers), 64, dtype=torch.bool)
+        for i, m in enumerate(matchers):
+            mask[i, m.allowed] = True
+        return mask
+
+
+def test_the_grammar_masks_its_row_consumes_the_choice_and_ends_the_request():
+    torch.manual_seed(5)
+    scores = torch.randn(2, 40)
+    scores[0, 30] = 99.0  # the model's favourite, which the grammar forbids
+    matcher = FakeMatcher(allowed=[4, 12], stop_after=1)
+    state = RowState(prompt=[1], matcher=matcher)
+    guided = future("g", RowSpec(), row=state)
+    plain = future("p", None)
+    out = apply(PerRequestSampler(LogprobBook(), FakeGrammar()), [guided, plain], scores)
+    allowed = {4, 12}
+    assert all(out[0, i] == -math.inf for i in range(40) if i not in allowed)
+    chosen = int(out[0].argmax())
+    assert chosen in allowed and matcher.consumed == [chosen] == state.generated
+    assert state.done and state.error is None
+    # The manager finishes the request with this step's token.
+    assert guided.state._new_tokens_limit == guided.state.generated_len() + 1
+    assert torch.equal(out[1], scores[1]) and plain.state._new_tokens_limit == 100
+
+
+def test_a_failing_matcher_fails_its_own_request_only():
+    scores = torch.randn(2, 40)
+    state = RowState(prompt=[1], matcher=FakeMatcher(allowed=[4], fail=True))
+    bad = future("bad", RowSpec(), row=state)
+    neighbour_state = RowState(prompt=[1], matcher=FakeMatcher(allowed=[6]))
+    ok = future("ok", RowSpec(), row=neighbour_state)
+    apply(PerRequestSampler(LogprobBook(), FakeGrammar()), [bad, ok], scores)
+    assert "token not allowed by the grammar" in state.error
+    assert bad.state._new_tokens_limit == bad.state.generated_len() + 1
+    assert neighbour_state.error is None and neighbour_state.generated == [6]
+    assert ok.state._new_tokens_limit == 100
+
+
+def test_min_new_tokens_against_a_grammar_that_only_allows_the_end_is_an_error():
+    scores = torch.randn(1, 40)
+    state = RowState(prompt=[1], matcher=FakeMatcher(allowed=[5]))
+    spec = RowSpec(min_new_tokens=4, end_ids=(5,))
+    apply(PerRequestSampler(LogprobBook(), FakeGrammar()), [future("x", spec, 0, state)], scores)
+    assert state.error is not None and "min_new_tokens" in state.error
+    assert state.generated == []

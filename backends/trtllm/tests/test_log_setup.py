@@ -65,3 +65,24 @@ def test_text_by_default(restore_root, capsys):
 def test_formatter_keeps_non_ascii():
     record = logging.LogRecord("t", logging.INFO, __file__, 1, "modèle %s", ("prêt",), None)
     assert json.loads(JsonFormatter().format(record))["fields"]["message"] == "modèle prêt"
+
+
+def test_transformers_continuous_batching_logs_through_ours_warnings_only(restore_root, capsys):
+    """transformers' CB logger brings its own stderr handler and line format and narrates at
+    INFO (on every start and stop); ours formats it, warnings and up."""
+    cb = logging.getLogger("ContinuousBatchingLogger")
+    saved = cb.handlers[:], cb.propagate, cb.level
+    try:
+        setup_logging(json_output=True)
+        import transformers.generation.continuous_batching  # noqa: F401  (adds its handler)
+
+        cb.info("Background generation thread stopped")
+        cb.warning("the cache is full")
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        entry = json.loads(lines[0])
+        assert entry["target"] == "ContinuousBatchingLogger"
+        assert entry["fields"]["message"] == "the cache is full"
+    finally:
+        cb.handlers[:], cb.propagate = saved[0], saved[1]
+        cb.setLevel(saved[2])

@@ -132,3 +132,37 @@ def test_sustains_tens_of_thousands_of_tokens_per_second(run_engine, collector):
     assert sum(len(t) for t in collector.tokens.values()) == 1024 * n
     assert collector.batches <= n + 1  # one message per iteration
     assert rate > 20_000, f"{rate:.0f} tokens/s"
+
+
+def test_min_new_tokens_holds_off_stop_tokens(run_engine, collector):
+    engine = run_engine(iteration_ms=1, max_batch_size=8)
+    early, late = engine.token(1, 1), engine.token(1, 5)
+    r = req(1, n=10, stop=(early, late))
+    r.min_new_tokens = 4
+    engine.submit([r, req(2, n=10, stop=(engine.token(2, 1),))])
+    collector.wait_finished([1, 2])
+    # The stop id at step 1 comes before min_new_tokens: it is emitted and generation goes on.
+    assert collector.tokens[1] == [engine.token(1, s) for s in range(6)]
+    assert collector.finish[1] == pb.FINISH_REASON_STOP_TOKEN
+    assert len(collector.tokens[2]) == 2 and collector.finish[2] == pb.FINISH_REASON_STOP_TOKEN
+
+
+def test_claims_only_what_it_honours_and_refuses_the_rest(run_engine, collector):
+    engine = run_engine(iteration_ms=1, max_batch_size=8)
+    f = engine.info().features
+    assert f.stop_token_ids and f.min_new_tokens and f.ignore_eos
+    assert not (f.guided_decoding or f.logit_bias or f.repetition_penalty or f.typical_p)
+    ignoring = req(1, n=3)
+    ignoring.ignore_eos = True
+    biased = req(2, n=3)
+    biased.logit_bias[engine.token(2, 0)] = -100.0
+    guided = req(3, n=3)
+    guided.grammar.kind = pb.GRAMMAR_KIND_REGEX
+    guided.grammar.value = "[a-z]+"
+    engine.submit([ignoring, biased, guided])
+    collector.wait_finished([1, 2, 3])
+    assert collector.finish[1] == pb.FINISH_REASON_LENGTH and len(collector.tokens[1]) == 3
+    assert collector.finish[2] == collector.finish[3] == pb.FINISH_REASON_ERROR
+    assert "logit_bias is not supported" in collector.errors[2]
+    assert "grammar is not supported" in collector.errors[3]
+    assert collector.tokens[2] == collector.tokens[3] == []

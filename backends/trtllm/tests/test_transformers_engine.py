@@ -44,7 +44,17 @@ def engine(tiny_llama_dir, collector):
     eng.shutdown()
 
 
-def req(rid, n, sampling=None, ignore_eos=True, stop=(), prompt=PROMPT, logprobs=False, top_n=0):
+def req(
+    rid,
+    n,
+    sampling=None,
+    ignore_eos=True,
+    stop=(),
+    prompt=PROMPT,
+    logprobs=False,
+    top_n=0,
+    **fields,
+):
     return pb.GenerateRequest(
         id=rid,
         input_ids=prompt,
@@ -54,6 +64,7 @@ def req(rid, n, sampling=None, ignore_eos=True, stop=(), prompt=PROMPT, logprobs
         stop_token_ids=list(stop),
         return_logprobs=logprobs,
         top_n_tokens=top_n,
+        **fields,
     )
 
 
@@ -85,8 +96,10 @@ def test_info_reports_model_limits_and_truthful_features(engine):
     assert info.kv_capacity_tokens % 32 == 0
     f = info.features
     assert f.logprobs and f.top_n_tokens and f.seed and f.top_k and f.top_p and f.stop_token_ids
-    assert not (f.typical_p or f.repetition_penalty or f.frequency_penalty)
-    assert not (f.presence_penalty or f.guided_decoding)
+    assert f.typical_p and f.repetition_penalty and f.frequency_penalty and f.presence_penalty
+    assert f.min_new_tokens and f.logit_bias and f.ignore_eos
+    # The tiny checkpoint has no tokenizer, so no grammar can be enforced: not claimed.
+    assert not f.guided_decoding
 
 
 def test_greedy_matches_generate_and_is_deterministic(model, engine, collector):
@@ -118,6 +131,24 @@ def test_greedy_logprobs_and_top_n_are_the_models(model, engine, collector):
 def test_logprobs_off_means_none_sent(engine, collector):
     run(engine, collector, req(161, 4))
     assert collector.logprobs[161] == [] and collector.top[161] == []
+
+
+def test_missing_logprobs_fail_the_request_rather_than_being_invented(
+    engine, collector, monkeypatch
+):
+    # The book of recorded logprobs comes back empty: no value may stand in for them.
+    monkeypatch.setattr(engine.book, "take", lambda key, first, count: [None] * count)
+    before = engine.stats()
+    run(engine, collector, req(165, 40, logprobs=True), req(166, 4))
+    assert collector.finish[165] == pb.FINISH_REASON_ERROR
+    assert "no log probability for 1 of 1 token(s)" in collector.errors[165]
+    assert collector.tokens[165] == [] and collector.logprobs[165] == []
+    assert collector.finish[166] == pb.FINISH_REASON_LENGTH and len(collector.tokens[166]) == 4
+    after = engine.stats()
+    assert after.requests_failed == before.requests_failed + 1
+    time.sleep(0.3)  # the manager was told to stop it: nothing more comes for it
+    assert collector.tokens[165] == []
+    assert engine.stats().active_requests == 0
 
 
 def test_sampled_logprobs_are_of_the_warped_distribution(model, engine, collector):
@@ -303,3 +334,116 @@ def test_cuda_engines_keep_sdpa_off_cudnn(cudnn_sdp_restored):
     assert torch.backends.cuda.cudnn_sdp_enabled(), "a CPU engine has no business with it"
     _configure_attention(torch.device("cuda:0"))
     assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+# --- the sampling set: penalties, logit bias, min_new_tokens ---------------------------------
+
+
+def test_logit_bias_bans_the_greedy_token_and_forces_another(engine, collector):
+    (greedy,) = run(engine, collector, req(1101, 4))
+    banned, forced = run(
+        engine,
+        collector,
+        req(1102, 4, logit_bias={greedy[0]: -100.0}),
+        req(1103, 4, logit_bias={77: 100.0}),
+    )
+    assert greedy[0] not in banned
+    assert forced == [77, 77, 77, 77]
+
+
+def test_repetition_penalty_steers_away_from_seen_tokens(model, engine, collector):
+    # A greedy run of the tiny model repeats itself; with a strong penalty the greedy path
+    # changes at the first position whose argmax was already in the prompt or the output.
+    (plain,) = run(engine, collector, req(1201, 16))
+    (penalized,) = run(
+        engine, collector, req(1202, 16, sampling=pb.SamplingParams(repetition_penalty=50.0))
+    )
+    assert penalized != plain
+    # Check the first step against the definition on the model's own logits.
+    logits = position_logits(model, PROMPT, penalized[:1])[0]
+    seen = torch.tensor(sorted(set(PROMPT)))
+    expected = logits.clone()
+    expected[seen] = torch.where(logits[seen] < 0, logits[seen] * 50.0, logits[seen] / 50.0)
+    assert penalized[0] == int(expected.argmax())
+
+
+def test_frequency_and_presence_penalties_change_greedy_output(engine, collector):
+    (plain,) = run(engine, collector, req(1301, 24))
+    assert len(set(plain)) < len(plain), "the tiny model is expected to repeat itself"
+    freq, pres = run(
+        engine,
+        collector,
+        req(1302, 24, sampling=pb.SamplingParams(frequency_penalty=2.0)),
+        req(1303, 24, sampling=pb.SamplingParams(presence_penalty=2.0)),
+    )
+    # Penalizing what was generated gives more distinct tokens than the plain greedy run.
+    assert len(set(freq)) > len(set(plain)) and len(set(pres)) > len(set(plain))
+
+
+def test_min_new_tokens_delays_eos_and_stop_tokens(engine, collector):
+    (greedy,) = run(engine, collector, req(1401, 12))
+    eos_like = greedy[2]
+    saved = engine.eos_ids
+    engine.eos_ids = [eos_like]
+    try:
+        early, delayed = run(
+            engine,
+            collector,
+            req(1402, 12, ignore_eos=False),
+            req(1403, 12, ignore_eos=False, min_new_tokens=6),
+        )
+    finally:
+        engine.eos_ids = saved
+    assert early == greedy[:3] and collector.finish[1402] == pb.FINISH_REASON_EOS_TOKEN
+    assert len(delayed) >= 6 and eos_like not in delayed[:5]
+    assert delayed[:2] == greedy[:2]
+    stop_at = greedy[3]
+    (stopped,) = run(engine, collector, req(1404, 12, stop=[stop_at], min_new_tokens=8))
+    assert len(stopped) >= 8 and stop_at not in stopped[:7]
+
+
+def test_a_stop_token_is_included_and_ends_with_stop_token(engine, collector):
+    (greedy,) = run(engine, collector, req(1501, 10))
+    (stopped,) = run(engine, collector, req(1502, 10, stop=[greedy[1]], min_new_tokens=1))
+    assert stopped == greedy[:2] and collector.finish[1502] == pb.FINISH_REASON_STOP_TOKEN
+
+
+def test_batch_neighbours_are_untouched_by_a_requests_settings(engine, collector):
+    (alone,) = run(engine, collector, req(1601, 12))
+    busy = pb.SamplingParams(
+        do_sample=True, temperature=1.3, typical_p=0.8, repetition_penalty=3.0, seed=1,
+        frequency_penalty=1.0, presence_penalty=1.0,
+    )  # fmt: skip
+    shared, _, _ = run(
+        engine,
+        collector,
+        req(1602, 12),
+        req(1603, 12, sampling=busy, logit_bias={alone[0]: -100.0}, min_new_tokens=12),
+        req(1604, 12, logit_bias={alone[0]: 100.0}),
+    )
+    assert shared == alone
+
+
+def test_a_grammar_is_refused_where_there_is_no_tokenizer(engine, collector):
+    grammar = pb.Grammar(kind=pb.GRAMMAR_KIND_REGEX, value="[0-9]+")
+    engine.submit([req(1701, 4, grammar=grammar), req(1702, 4)])
+    collector.wait_finished([1701, 1702])
+    assert collector.finish[1701] == pb.FINISH_REASON_ERROR
+    assert "grammar is not supported" in collector.errors[1701]
+    assert collector.finish[1702] == pb.FINISH_REASON_LENGTH
+
+
+def test_a_request_whose_recorded_tokens_disagree_is_failed_not_continued(
+    engine, collector, monkeypatch
+):
+    # Penalties and grammars are built on the processor's record of the chosen tokens; if it
+    # ever missed one, the request must end with an error rather than go on with wrong state.
+    from tensorgate.executor.engines.cb_sampling import PerRequestSampler
+
+    monkeypatch.setattr(PerRequestSampler, "_track", staticmethod(lambda final, rows: None))
+    penalized = pb.SamplingParams(repetition_penalty=1.2)
+    run(engine, collector, req(1801, 6, sampling=penalized), req(1802, 6))
+    assert collector.finish[1801] == pb.FINISH_REASON_ERROR
+    assert "record of the chosen tokens disagrees" in collector.errors[1801]
+    assert collector.tokens[1801] == []
+    assert collector.finish[1802] == pb.FINISH_REASON_LENGTH and len(collector.tokens[1802]) == 6

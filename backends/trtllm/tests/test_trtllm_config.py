@@ -27,9 +27,11 @@ def test_llama_tp1_bf16():
     assert (cfg.mapping.world_size, cfg.mapping.tp_size, cfg.mapping.pp_size) == (1, 1, 1)
     assert (cfg.max_batch_size, cfg.max_input_len, cfg.max_seq_len) == (64, 4096, 8192)
     assert (cfg.max_num_tokens, cfg.max_beam_width, cfg.tokens_per_block) == (8192, 1, 32)
+    # The executor's prompt limit, not build_config.max_input_len (4096): with context FMHA and
+    # packed input it is min(max_seq_len - 1, max_num_tokens) (trtGptModelInflightBatching.cpp).
     assert cfg.limits() == EngineLimits(
         max_batch_size=64,
-        max_input_tokens=4096,
+        max_input_tokens=8191,
         max_total_tokens=8192,
         max_num_tokens=8192,
         max_top_n_tokens=0,
@@ -48,7 +50,7 @@ def test_llama_fp8():
     assert cfg.quant_algo == "FP8"
     assert cfg.kv_cache_quant_algo == "FP8"
     assert cfg.limits().max_total_tokens == 16384
-    assert cfg.limits().max_input_tokens == 8192
+    assert cfg.limits().max_input_tokens == 16383
 
 
 @pytest.mark.parametrize("name", ["llama-tp1-bf16", "llama-tp2", "llama-fp8"])
@@ -61,9 +63,41 @@ def test_overrides_tighten_and_input_leaves_room_for_one_token():
     limits = cfg.limits(LimitOverrides(max_batch_size=8, max_total_tokens=1024))
     assert limits.max_batch_size == 8
     assert limits.max_total_tokens == 1024
-    assert limits.max_input_tokens == 1023  # min(max_input_len 4096, 1024 - 1)
+    assert limits.max_input_tokens == 1023  # min(executor's 8191, 1024 - 1)
     limits = cfg.limits(LimitOverrides(max_input_tokens=100))
     assert limits.max_input_tokens == 100
+
+
+@pytest.mark.parametrize(
+    ("plugin", "build", "chunked", "expected"),
+    [
+        # Chunked context: max_seq_len - 1, whatever max_num_tokens is.
+        ({}, {"max_num_tokens": 2048}, True, 8191),
+        # Context FMHA + packed input: min(max_seq_len - 1, max_num_tokens).
+        ({}, {"max_num_tokens": 2048}, False, 2048),
+        ({}, {}, False, 8191),
+        # Neither: build_config.max_input_len.
+        ({"context_fmha": False}, {"max_num_tokens": 2048}, False, 4096),
+        ({"remove_input_padding": False}, {}, False, 4096),
+    ],
+)
+def test_the_prompt_limit_is_the_executors(tmp_path, plugin, build, chunked, expected):
+    d = make_trtllm_engine_dir(tmp_path, **build)
+    data = json.loads((d / "config.json").read_text())
+    data["build_config"]["plugin_config"].update(plugin)
+    (d / "config.json").write_text(json.dumps(data))
+    cfg = load_engine_config(d)
+    assert cfg.executor_max_input_len(chunked) == expected
+    assert cfg.limits(chunked_context=chunked).max_input_tokens == expected
+
+
+def test_paged_context_fmha_is_read(tmp_path):
+    assert load_engine_config(TRTLLM_ENGINES / "llama-tp1-bf16").paged_context_fmha
+    d = make_trtllm_engine_dir(tmp_path)
+    data = json.loads((d / "config.json").read_text())
+    del data["build_config"]["plugin_config"]["use_paged_context_fmha"]
+    (d / "config.json").write_text(json.dumps(data))
+    assert not load_engine_config(d).paged_context_fmha  # absent: never assumed
 
 
 @pytest.mark.parametrize(
@@ -71,7 +105,7 @@ def test_overrides_tighten_and_input_leaves_room_for_one_token():
     [
         (LimitOverrides(max_batch_size=65), "--max-batch-size 65"),
         (LimitOverrides(max_total_tokens=9000), "--max-total-tokens 9000"),
-        (LimitOverrides(max_input_tokens=5000), "--max-input-tokens 5000"),
+        (LimitOverrides(max_input_tokens=8192), "--max-input-tokens 8192"),
     ],
 )
 def test_overrides_cannot_widen_the_engine(overrides, flag):

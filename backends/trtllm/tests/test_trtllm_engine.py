@@ -4,7 +4,9 @@ reasons, cancellation, errors, stats, shutdown, and the message when TensorRT-LL
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import json
+import math
 import os
 import subprocess
 import sys
@@ -13,9 +15,10 @@ import time
 import pytest
 from conftest import TRTLLM_ENGINES, Collector, make_trtllm_engine_dir
 
-from tensorgate.executor.engine import EngineError
+from tensorgate.executor.engine import EngineError, EngineFeatures
 from tensorgate.executor.engines import load_engine
 from tensorgate.executor.engines.trtllm_engine import TrtllmEngine, TrtllmSettings
+from tensorgate.executor.settings import EngineConfig, ExecutorSettings
 from tensorgate.v1 import executor_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,12 +67,8 @@ def run(engine, collector, *requests, timeout=30):
 
 def test_missing_tensorrt_llm_names_the_image(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # `import tensorrt_llm` fails
-    args = argparse.Namespace(
-        engine="trtllm", model_id=TP1, max_batch_size=None, max_input_tokens=None,
-        max_total_tokens=None,
-    )  # fmt: skip
     with pytest.raises(EngineError) as e:
-        load_engine(args)
+        load_engine(EngineConfig("trtllm", model_dir=TP1))
     msg = str(e.value)
     assert "nvcr.io/nvidia/tensorrt-llm/release" in msg
     assert "Dockerfile_trtllm" in msg
@@ -127,6 +126,8 @@ def test_executor_config_passed_to_tensorrt_llm(start, trtllm_double):
     assert ex.model_path == TP1
     c = ex.config
     assert c.max_beam_width == 1
+    # max_utilization streams only with chunked context (executorImpl.cpp fetchNewRequests).
+    assert c.enable_chunked_context is True
     assert c.max_batch_size == 16
     assert c.kv_cache_config.free_gpu_memory_fraction == 0.5
     assert c.kv_cache_config.enable_block_reuse is False
@@ -146,9 +147,9 @@ def test_defaults_keep_the_engine_batch_size(start, trtllm_double):
 
 
 def test_invalid_settings(trtllm_double):
-    with pytest.raises(EngineError, match="free-gpu-memory-fraction"):
+    with pytest.raises(EngineError, match=r"free-gpu-memory-fraction must be in \(0, 1\]"):
         TrtllmEngine(TP1, TrtllmSettings(kv_cache_free_gpu_memory_fraction=1.5))
-    with pytest.raises(EngineError, match="capacity scheduler policy"):
+    with pytest.raises(EngineError, match="--capacity-scheduler-policy must be one of"):
         TrtllmEngine(TP1, TrtllmSettings(capacity_scheduler_policy="fifo"))
 
 
@@ -163,21 +164,20 @@ def test_engine_needs_its_gpus(trtllm_double):
         TrtllmEngine(TRTLLM_ENGINES / "llama-tp2", gpu_count=lambda: 1)
 
 
-def test_from_args_reads_optional_flags_with_defaults(trtllm_double, monkeypatch):
+def test_from_config_passes_the_settings_with_their_defaults(trtllm_double, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    args = argparse.Namespace(
-        engine="trtllm", model_id=TP1, max_batch_size=None, max_input_tokens=None,
-        max_total_tokens=2048,
-    )  # fmt: skip
-    engine = load_engine(args)
+    config = EngineConfig("trtllm", model_dir=TP1, settings=ExecutorSettings(max_total_tokens=2048))
+    engine = load_engine(config)
     try:
         assert isinstance(engine, TrtllmEngine)
         assert engine.limits.max_total_tokens == 2048
         cfg = trtllm_double.TEST_DOUBLE.executors[-1].config
         assert cfg.kv_cache_config.free_gpu_memory_fraction == 0.9
-        args.kv_cache_free_gpu_memory_fraction = 0.3
-        args.enable_kv_block_reuse = False
-        engine2 = load_engine(args)
+        assert cfg.kv_cache_config.enable_block_reuse is True
+        settings = ExecutorSettings(
+            kv_cache_free_gpu_memory_fraction=0.3, enable_kv_block_reuse=False
+        )
+        engine2 = load_engine(dataclasses.replace(config, settings=settings))
         cfg2 = trtllm_double.TEST_DOUBLE.executors[-1].config
         assert cfg2.kv_cache_config.free_gpu_memory_fraction == 0.3
         assert cfg2.kv_cache_config.enable_block_reuse is False
@@ -189,12 +189,8 @@ def test_from_args_reads_optional_flags_with_defaults(trtllm_double, monkeypatch
 def test_non_leader_rank_serves_nothing_and_exits(trtllm_double, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     trtllm_double.TEST_DOUBLE.can_enqueue = False  # an MPI rank other than 0
-    args = argparse.Namespace(
-        engine="trtllm", model_id=TP1, max_batch_size=None, max_input_tokens=None,
-        max_total_tokens=None,
-    )  # fmt: skip
     with pytest.raises(SystemExit) as e:
-        load_engine(args)
+        load_engine(EngineConfig("trtllm", model_dir=TP1))
     assert e.value.code == 0
     assert trtllm_double.TEST_DOUBLE.executors[-1].shutdown_called
     assert trtllm_double.TEST_DOUBLE.requests == []  # only the leader enqueues, warm-up too
@@ -212,7 +208,9 @@ def test_info_from_the_engine_config(start):
     assert info.vocab_size == 128256
     assert info.eos_token_ids == EOS
     lim = info.limits
-    assert (lim.max_batch_size, lim.max_input_tokens, lim.max_total_tokens) == (64, 4096, 8192)
+    # Chunked context is on (the engine has paged context FMHA): the prompt limit is
+    # max_seq_len - 1, the executor's own, not build_config.max_input_len.
+    assert (lim.max_batch_size, lim.max_input_tokens, lim.max_total_tokens) == (64, 8191, 8192)
     assert (lim.max_num_tokens, lim.max_top_n_tokens) == (8192, 0)
     f = info.features
     assert f.logprobs and f.seed and f.top_k and f.top_p and f.stop_token_ids
@@ -365,15 +363,20 @@ def test_unsupported_parameters_are_errors(start, collector):
     assert "max_top_n_tokens is 0" in collector.errors[2]
 
 
-def test_eos_ends_with_the_eos_token(start, collector, trtllm_double):
-    # The double emits the end id at step 3; TensorRT-LLM does not return the end token,
-    # the engine appends it, as TGI and the other engines report it.
+def test_eos_ends_without_a_token_the_engine_did_not_return(start, collector, trtllm_double):
+    # The double's model picks the end id at step 3; TensorRT-LLM does not return the end
+    # token, nor a log probability for it. Nothing is added in its place: the finish reason
+    # says eos, and no value TensorRT-LLM did not produce is reported.
     trtllm_double.TEST_DOUBLE.token_fn = lambda ids, step: EOS[0] if step == 3 else 500 + step
     engine = start()
-    run(engine, collector, req(1, n=10))
-    assert collector.tokens[1] == [500, 501, 502, EOS[0]]
+    run(engine, collector, req(1, n=10), req(2, n=10, prompt=[7, 8], logprobs=True))
+    assert collector.tokens[1] == [500, 501, 502]
     assert collector.finish[1] == pb.FINISH_REASON_EOS_TOKEN
-    sent = trtllm_double.TEST_DOUBLE.requests[-1]
+    assert collector.tokens[2] == [500, 501, 502]
+    assert collector.logprobs[2] == [pytest.approx(trtllm_double._logprob(i)) for i in range(3)]
+    assert collector.finish[2] == pb.FINISH_REASON_EOS_TOKEN
+    assert engine.stats().tokens_generated == 6
+    sent = trtllm_double.TEST_DOUBLE.requests[0]
     assert sent.end_id == EOS[0]
     # The other eos ids end generation as one-token stop words.
     assert sorted(sent.stop_words) == [[EOS[1]], [EOS[2]]]
@@ -420,7 +423,7 @@ def test_results_without_finish_reasons_are_inferred(start, collector, trtllm_do
         req(2, n=10, prompt=[2, 5], stop=[702]),
         req(3, n=3, prompt=[3, 5]),
     )
-    assert collector.tokens[1] == [800, 801, EOS[0]]
+    assert collector.tokens[1] == [800, 801]  # the end token is not returned
     assert collector.finish[1] == pb.FINISH_REASON_EOS_TOKEN
     assert collector.tokens[2] == [800, 702]
     assert collector.finish[2] == pb.FINISH_REASON_STOP_TOKEN
@@ -429,12 +432,54 @@ def test_results_without_finish_reasons_are_inferred(start, collector, trtllm_do
 
 def test_logprobs_one_per_token(start, collector, trtllm_double):
     engine = start()
-    run(engine, collector, req(1, n=5, logprobs=True), req(2, n=5))
-    assert len(collector.logprobs[1]) == 5
-    assert all(lp < 0 for lp in collector.logprobs[1])
+    run(engine, collector, req(1, n=9, logprobs=True), req(2, n=5))
+    # Result.log_probs is cumulative in a streamed result: each token's value is read once,
+    # at its own position (re-reading from the start would repeat the first ones).
+    assert collector.logprobs[1] == [pytest.approx(trtllm_double._logprob(i)) for i in range(9)]
     assert collector.logprobs[2] == []
     sent = trtllm_double.TEST_DOUBLE.requests
     assert [r.output_config.return_log_probs for r in sent] == [True, False]
+
+
+def test_timed_out_is_an_error_not_length(start, collector, trtllm_double):
+    # TensorRT-LLM ends a request past its allotted time with TIMED_OUT. The contract has no
+    # timeout reason, and `length` would tell the client it got all it asked for.
+    trtllm_double.TEST_DOUBLE.time_out_at = {31: 2}
+    engine = start()
+    run(engine, collector, req(1, n=10, prompt=[31, 1]), req(2, n=3, prompt=[32, 1]))
+    assert collector.finish[1] == pb.FINISH_REASON_ERROR
+    assert "TensorRT-LLM timed the request out" in collector.errors[1]
+    assert len(collector.tokens[1]) == 2  # what it generated before is kept
+    assert collector.finish[2] == pb.FINISH_REASON_LENGTH
+    stats = engine.stats()
+    assert stats.requests_failed == 1 and stats.requests_finished == 1
+
+
+@pytest.mark.parametrize("left_out", [1, 99])
+def test_missing_log_probs_fail_the_request_rather_than_being_invented(
+    start, collector, trtllm_double, left_out
+):
+    trtllm_double.TEST_DOUBLE.short_log_probs = {41: left_out}
+    engine = start()
+    cancelled = []
+    real_cancel = engine._executor.cancel_request
+    engine._executor.cancel_request = lambda tid: cancelled.append(tid) or real_cancel(tid)
+    run(
+        engine,
+        collector,
+        req(1, n=50, prompt=[41, 1], logprobs=True),
+        req(2, n=5, prompt=[42, 1], logprobs=True),
+        req(3, n=5, prompt=[41, 2]),  # same prompt start, no logprobs asked: unaffected
+    )
+    assert collector.finish[1] == pb.FINISH_REASON_ERROR
+    assert "log probabilities for 1 token" in collector.errors[1]
+    # No token is reported without the log probability that was asked for.
+    assert collector.tokens[1] == [] and collector.logprobs[1] == []
+    assert len(cancelled) == 1  # TensorRT-LLM stops generating for it
+    assert len(collector.logprobs[2]) == len(collector.tokens[2]) == 5
+    assert all(math.isfinite(lp) for lp in collector.logprobs[2])
+    assert collector.finish[2] == collector.finish[3] == pb.FINISH_REASON_LENGTH
+    assert engine.stats().requests_failed == 1
 
 
 def test_requests_over_the_limits_are_errors(start, collector, trtllm_double):
@@ -595,3 +640,89 @@ def test_tighter_batch_limit_is_passed_and_reported(start, tmp_path, trtllm_doub
     engine = start(d)
     assert engine.info().limits.max_batch_size == 4
     assert trtllm_double.TEST_DOUBLE.executors[-1].config.max_batch_size is None
+
+
+# -- issue 14: the executor path as TensorRT-LLM's source defines it ---------------------------
+
+
+def test_max_utilization_without_chunked_context_is_refused_at_load(trtllm_double, tmp_path):
+    d = make_trtllm_engine_dir(tmp_path)
+    data = json.loads((d / "config.json").read_text())
+    data["build_config"]["plugin_config"]["use_paged_context_fmha"] = False
+    (d / "config.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="max_utilization needs chunked context"):
+        TrtllmEngine(d, TrtllmSettings(capacity_scheduler_policy="max_utilization"))
+    # guaranteed_no_evict serves it, chunked context off, with the executor's prompt limit.
+    engine = TrtllmEngine(d, gpu_count=lambda: 1)
+    try:
+        assert trtllm_double.TEST_DOUBLE.executors[-1].config.enable_chunked_context is False
+        assert engine.info().limits.max_input_tokens == 8191  # min(8191, max_num_tokens 8192)
+    finally:
+        engine.shutdown()
+
+
+def test_priority_is_passed_through(start, collector, trtllm_double):
+    engine = start()
+    high, low, default = req(1), req(2), req(3)
+    high.priority, low.priority = 30, -80
+    run(engine, collector, high, low, default)
+    sent = [r.priority for r in trtllm_double.TEST_DOUBLE.requests]
+    assert sent == [pytest.approx(0.8), pytest.approx(0.0), pytest.approx(0.5)]
+
+
+def test_an_error_response_for_a_request_fails_it_alone(start, collector, tmp_path):
+    # An eos id outside the vocabulary becomes end_id; TensorRT-LLM refuses it with an error
+    # response as it schedules the request (LlmRequest::validate), not at enqueue.
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "generation_config.json").write_text('{"eos_token_id": 999999}')
+    engine = start(settings=TrtllmSettings(tokenizer_dir=tok))
+    run(engine, collector, req(1), req(2, ignore_eos=True))
+    assert collector.finish[1] == pb.FINISH_REASON_ERROR
+    assert "EndId (999999) is not within acceptable range" in collector.errors[1]
+    assert collector.finish[2] == pb.FINISH_REASON_LENGTH
+
+
+def test_queued_and_paused_are_reported_apart(start, collector, trtllm_double):
+    trtllm_double.TEST_DOUBLE.iteration_ms = 5
+    trtllm_double.TEST_DOUBLE.paused_requests = 1  # InflightBatchingStats.num_paused_requests
+    engine = start(settings=TrtllmSettings(max_batch_size=2))
+    engine.submit([req(i, n=400, prompt=[i, 2]) for i in range(1, 5)])
+    collector.wait_tokens(1, 3)
+    running, paused, queued = engine.scheduling()
+    assert (running, paused, queued) == (1, 1, 2)
+    s = engine.stats()
+    assert s.queued_requests == 2 and s.active_requests == 2  # paused ones are active
+    engine.cancel([1, 2, 3, 4])
+    collector.wait_finished([1, 2, 3, 4])
+
+
+def test_stats_and_cancel_after_shutdown_do_not_raise(start, collector, trtllm_double):
+    engine = start()
+    engine.shutdown()
+    # The executor now raises on these ("Shutdown called"): the engine must not.
+    engine.cancel([1])
+    s = engine.stats()
+    assert s.active_requests == 0
+    assert engine.scheduling() == (0, 0, 0)
+
+
+@pytest.mark.skipif(
+    "grammar" not in pb.GenerateRequest.DESCRIPTOR.fields_by_name
+    or "min_new_tokens" not in {f.name for f in dataclasses.fields(EngineFeatures)},
+    reason="this contract has no structured-output fields yet",
+)
+def test_structured_output_fields_on_an_engine_directory(start, collector, trtllm_double):
+    engine = start()
+    f = engine.info().features
+    assert not f.guided_decoding and not f.logit_bias and f.min_new_tokens and f.ignore_eos
+    grammar, bias, least = req(1), req(2), req(3)
+    grammar.grammar.kind = pb.GRAMMAR_KIND_REGEX
+    grammar.grammar.value = "[a-z]+"
+    bias.logit_bias[5] = 1.0
+    least.min_new_tokens = 2
+    run(engine, collector, grammar, bias, least)
+    assert "--guided-decoding-backend" in collector.errors[1]  # refused, not run unenforced
+    assert "logit_bias is not supported" in collector.errors[2]
+    assert collector.finish[3] == pb.FINISH_REASON_LENGTH
+    assert trtllm_double.TEST_DOUBLE.requests[-1].sampling_config.min_tokens == 2

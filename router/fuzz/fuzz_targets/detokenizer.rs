@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
-use tensorgate_router::detokenizer::IncrementalDecoder;
+use tensorgate_router::generation::detokenizer::IncrementalDecoder;
 use tokenizers::Tokenizer;
 
 /// GPT-2's byte → printable char table, as the ByteLevel pre-tokenizer/decoder use.

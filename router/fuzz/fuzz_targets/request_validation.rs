@@ -11,11 +11,13 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tensorgate_router::chat_template::{ChatMessage, ChatTemplate};
-use tensorgate_router::openai::{self, ChatCompletionRequest, CompletionRequest};
+use tensorgate_router::generation::chat_template::ChatTemplate;
+use tensorgate_router::generation::validation::{validate_length, validate_parameters, Limits};
+use tensorgate_router::http::openai::mapping as openai;
+use tensorgate_router::http::openai::schemas::{ChatCompletionRequest, CompletionRequest};
+use tensorgate_router::http::openai::tools;
+use tensorgate_router::http::tgi::schemas::{GenerateParameters, GenerateRequest};
 use tensorgate_router::pb;
-use tensorgate_router::schemas::{GenerateParameters, GenerateRequest};
-use tensorgate_router::validation::{validate_length, validate_parameters, Limits};
 
 /// A server with every feature on and the default flags, and a bare engine with small limits.
 fn limits() -> &'static [Limits; 2] {
@@ -28,6 +30,7 @@ fn limits() -> &'static [Limits; 2] {
                 max_top_n_tokens: 5,
                 max_stop_sequences: 4,
                 max_stop_sequence_bytes: 256,
+                vocab_size: 49152,
                 features: pb::Features {
                     logprobs: true,
                     seed: true,
@@ -47,6 +50,7 @@ fn limits() -> &'static [Limits; 2] {
                 max_top_n_tokens: 0,
                 max_stop_sequences: 1,
                 max_stop_sequence_bytes: 2,
+                vocab_size: 100,
                 features: pb::Features::default(),
             },
         ]
@@ -133,7 +137,9 @@ fuzz_target!(|data: &[u8]| {
     let prompt_len = data.len() % 9000;
 
     if let Ok(req) = serde_json::from_slice::<GenerateRequest>(data) {
-        check(&req.parameters, prompt_len.min(req.inputs.len() * 4));
+        let given =
+            req.inputs.as_ref().map_or(0, String::len) + req.input_ids.as_ref().map_or(0, Vec::len);
+        check(&req.parameters, prompt_len.min(given * 4));
     }
 
     if let Ok(req) = serde_json::from_slice::<CompletionRequest>(data) {
@@ -149,21 +155,25 @@ fuzz_target!(|data: &[u8]| {
         if let Some(p) = openai::to_generate_parameters(&req.common, max_tokens).ok() {
             check(&p, prompt_len);
         }
-        let messages: Option<Vec<ChatMessage>> = req
-            .messages
-            .iter()
-            .map(|m| {
-                Some(ChatMessage {
-                    role: m.role.clone(),
-                    content: openai::message_text(m).ok()?,
-                })
-            })
-            .collect();
-        if let Some(messages) = messages {
+        if let Ok(messages) = tools::chat_messages(&req) {
             for template in templates() {
+                // Tool fields are checked (and tool answers read) by the template's family.
+                let Ok(setup) = tools::tool_setup(&req, template.tool_call_format()) else {
+                    continue;
+                };
+                if let Some(reader) = &setup.reader {
+                    let text = String::from_utf8_lossy(data);
+                    let _ = reader.parse(&text);
+                    let mut stream = reader.stream();
+                    for piece in text.split_inclusive(['}', '>', ' ']) {
+                        let _ = stream.push(piece);
+                    }
+                    let _ = stream.finish();
+                }
                 // Templates may refuse (raise_exception); they must not panic.
-                let _ = template.render(&messages, true);
-                let _ = template.render(&messages, false);
+                let tools = setup.template_tools.as_ref();
+                let _ = template.render_with_tools(&messages, tools, true);
+                let _ = template.render_with_tools(&messages, tools, false);
             }
         }
     }

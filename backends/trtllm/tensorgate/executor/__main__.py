@@ -4,72 +4,56 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import gc
 import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tensorgate.executor.engine import EngineError
+from tensorgate.executor.settings import (
+    ENGINE_NAMES,
+    EngineConfig,
+    ExecutorSettings,
+    add_arguments,
+)
 from tensorgate.log_setup import setup_logging
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class CommandLine:
+    """What the executor was asked to do: build this engine, serve it on this socket."""
+
+    config: EngineConfig
+    uds_path: Path
+    json_output: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tensorgate.executor",
         description="Serve one engine over gRPC (token ids in, token ids out).",
     )
-    p.add_argument("--engine", choices=("transformers", "trtllm", "synthetic"), required=True)
+    p.add_argument("--engine", choices=ENGINE_NAMES, required=True)
     p.add_argument("--model-id", type=Path, help="checkpoint or engine directory")
     p.add_argument("--uds-path", type=Path, required=True, help="unix socket to listen on (0600)")
-    p.add_argument("--port", type=int, help="also listen on 127.0.0.1:PORT (off by default)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--max-batch-size", type=int, help="most requests the engine runs at once")
-    p.add_argument("--max-input-tokens", type=int, help="most prompt tokens per request")
-    p.add_argument("--max-total-tokens", type=int, help="most prompt + generated tokens")
-    p.add_argument("--max-num-tokens", type=int, help="transformers: tokens per step (prefill)")
-    p.add_argument("--kv-cache-blocks", type=int, help="transformers: KV cache size in blocks")
-    p.add_argument("--block-size", type=int, help="transformers: tokens per KV block (64)")
-    p.add_argument("--iteration-ms", type=float, help="synthetic: time per iteration (20)")
-    p.add_argument("--vocab-size", type=int, help="synthetic: vocabulary size (32000)")
     p.add_argument(
         "--tokenizer-name", type=Path, help="trtllm: dir with generation_config.json (eos/pad ids)"
     )
-    p.add_argument(
-        "--kv-cache-free-gpu-memory-fraction",
-        type=float,
-        help="trtllm: share of free GPU memory for the KV cache (0.9)",
-    )
-    p.add_argument(
-        "--enable-kv-block-reuse",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="trtllm: KV cache prefix reuse (on)",
-    )
-    p.add_argument(
-        "--capacity-scheduler-policy",
-        choices=("guaranteed_no_evict", "max_utilization"),
-        help="trtllm: scheduler policy",
-    )
+    add_arguments(p)
     p.add_argument("--json-output", action="store_true", help="log JSON lines")
-    args = p.parse_args(argv)
-    for name in (
-        "max_batch_size",
-        "max_input_tokens",
-        "max_total_tokens",
-        "max_num_tokens",
-        "kv_cache_blocks",
-        "block_size",
-        "vocab_size",
-    ):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.iteration_ms is not None and args.iteration_ms < 0:
-        p.error(f"--iteration-ms must not be negative, got {args.iteration_ms}")
-    return args
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> CommandLine:
+    args = build_parser().parse_args(argv)
+    # Every value was checked as it was parsed; this cannot fail.
+    settings = ExecutorSettings.from_namespace(args)
+    config = EngineConfig(args.engine, args.model_id, args.tokenizer_name, settings)
+    return CommandLine(config=config, uds_path=args.uds_path, json_output=args.json_output)
 
 
 class _Stopped(Exception):
@@ -81,15 +65,21 @@ def _raise_stopped(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.json_output)
+    cmd = parse_args(argv)
+    setup_logging(cmd.json_output)
+    config = cmd.config
+    unread = config.settings.unread_by(config.engine)
+    if unread:
+        logging.getLogger("tensorgate.executor").warning(
+            "the %s engine does not read %s: ignored", config.engine, ", ".join(unread)
+        )
     # Loading can take minutes: a stop request then is a clean exit, not a traceback.
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGINT, _raise_stopped)
     try:
         from tensorgate.executor.engines import load_engine
 
-        engine = load_engine(args)
+        engine = load_engine(config)
     except _Stopped as e:
         logging.getLogger("tensorgate.executor").info("%s while loading: exiting", e)
         logging.shutdown()
@@ -100,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:
         print(
-            f"tensorgate executor: cannot load the {args.engine} engine: {type(e).__name__}: {e}",
+            f"tensorgate executor: cannot load the {config.engine} engine: {type(e).__name__}: {e}",
             file=sys.stderr,
         )
         return 1
@@ -112,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     # thread, the engine's step included, for 0.1-0.3 s.
     gc.collect()
     gc.freeze()
+    # Collectable again at exit: the interpreter's last collections skip frozen objects, and
+    # nanobind modules (triton's, which torch._dynamo imports under transformers) report each
+    # object still alive then as a leak, tens of stderr lines on every stop.
+    atexit.register(gc.unfreeze)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(engine, args.uds_path, args.port, stop)
+        await serve(engine, cmd.uds_path, config.settings.port, stop)
 
     try:
         asyncio.run(run())
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         # A signal in the instant before the loop's handlers were installed.
         engine.shutdown()
     except Exception as e:
-        print(f"tensorgate executor: cannot serve on unix:{args.uds_path}: {e}", file=sys.stderr)
+        print(f"tensorgate executor: cannot serve on unix:{cmd.uds_path}: {e}", file=sys.stderr)
         engine.shutdown()
         return 1
     return 0

@@ -49,6 +49,9 @@ class EngineFeatures:
     presence_penalty: bool = False
     stop_token_ids: bool = False
     guided_decoding: bool = False
+    min_new_tokens: bool = False
+    logit_bias: bool = False
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,28 @@ def check_request(req: pb.GenerateRequest, limits: EngineLimits) -> str | None:
     return None
 
 
+def check_features(req: pb.GenerateRequest, features: EngineFeatures) -> str | None:
+    """The engine-side guard for what the engine does not honour: the router refuses such a
+    request first (it reads the same flags), but one that gets here anyway must fail, naming
+    the field, rather than run without the constraint it asked for."""
+    s = req.sampling
+    asked = (
+        ("grammar", req.HasField("grammar"), features.guided_decoding),
+        ("min_new_tokens", req.min_new_tokens > 0, features.min_new_tokens),
+        ("logit_bias", len(req.logit_bias) > 0, features.logit_bias),
+        ("stop_token_ids", len(req.stop_token_ids) > 0, features.stop_token_ids),
+        ("ignore_eos", req.ignore_eos, features.ignore_eos),
+        ("repetition_penalty", s.repetition_penalty not in (0.0, 1.0), features.repetition_penalty),
+        ("frequency_penalty", s.frequency_penalty != 0.0, features.frequency_penalty),
+        ("presence_penalty", s.presence_penalty != 0.0, features.presence_penalty),
+        ("typical_p", s.do_sample and 0.0 < s.typical_p < 1.0, features.typical_p),
+    )
+    for name, used, honoured in asked:
+        if used and not honoured:
+            return f"{name} is not supported by this engine; leave it unset"
+    return None
+
+
 class Engine(abc.ABC):
     """Lifecycle: construct (loads; raises EngineError), `start(emit)`, then `submit`/`cancel`
     from any thread, `stats()`/`health()` at any time, `shutdown()` once."""
@@ -170,6 +195,11 @@ class Engine(abc.ABC):
 
     def health(self) -> tuple[bool, str]:
         return True, ""
+
+    def kv_cache_event_batch(self) -> pb.KvCacheEventBatch | None:
+        """The KV-cache events published since the last call, oldest first (may be empty);
+        None when this engine publishes none (the RPC then answers UNIMPLEMENTED)."""
+        return None
 
 
 class Inbox:

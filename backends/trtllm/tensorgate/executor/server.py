@@ -24,6 +24,10 @@ from tensorgate.executor.engine import Engine, add_finished
 from tensorgate.v1 import executor_pb2 as pb
 from tensorgate.v1 import executor_pb2_grpc as pb_grpc
 
+# How often KvCacheEvents reads the engine's event buffer: routing decisions tolerate tens of
+# milliseconds of staleness, and an idle stream then costs nothing measurable.
+KV_EVENT_POLL_S = 0.05
+
 log = logging.getLogger("tensorgate.executor")
 
 _CLOSED = None  # queue sentinel: this connection's stream is over
@@ -111,6 +115,26 @@ class ExecutorService(pb_grpc.ExecutorServicer):
 
     async def Stats(self, request, context):
         return self.engine.stats()
+
+    async def KvCacheEvents(self, request, context) -> AsyncIterator[pb.KvCacheEventBatch]:
+        """Streams the engine's KV-cache events for KV-aware routing, polled every
+        KV_EVENT_POLL_S (off the event loop: draining may take the engine's lock)."""
+        loop = asyncio.get_running_loop()
+        first = await loop.run_in_executor(None, self.engine.kv_cache_event_batch)
+        if first is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"the {self.engine.info().engine} engine publishes no KV-cache events",
+            )
+            return
+        batch = first
+        while True:
+            if batch.events:
+                yield batch
+            await asyncio.sleep(KV_EVENT_POLL_S)
+            batch = await loop.run_in_executor(None, self.engine.kv_cache_event_batch)
+            if batch is None:
+                return
 
     async def Generate(
         self, request_iterator: AsyncIterator[pb.GenerateCommand], context

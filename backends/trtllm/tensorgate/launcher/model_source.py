@@ -31,6 +31,18 @@ def is_trtllm_engine_dir(path: Path) -> bool:
     return "build_config" in data or any(path.glob("rank*.engine"))
 
 
+TRTLLM_EXECUTOR = "executor"
+TRTLLM_LLMAPI = "llmapi"
+
+
+def trtllm_flavour(path: Path) -> str:
+    """Which TensorRT-LLM API serves `path` under `--engine trtllm`: an engine directory
+    (trtllm-build output) runs on the executor API (`tensorrt_llm.bindings.executor`); anything
+    else is taken as a Hugging Face checkpoint for the LLM API (`tensorrt_llm.LLM`, PyTorch
+    backend), which loads it with no engine build."""
+    return TRTLLM_EXECUTOR if is_trtllm_engine_dir(Path(path)) else TRTLLM_LLMAPI
+
+
 def resolve(model_id: str | None, tokenizer_name: str | None, engine: str) -> ModelSource:
     if model_id is None:
         # Imported here: the embedded model's module pulls in nothing heavy until it converts.
@@ -56,7 +68,7 @@ def resolve(model_id: str | None, tokenizer_name: str | None, engine: str) -> Mo
         hint = (
             " A TensorRT-LLM engine directory has no tokenizer: pass --tokenizer-name with the "
             "Hugging Face checkpoint directory it was built from."
-            if engine == "trtllm"
+            if engine == "trtllm" and trtllm_flavour(model_dir) == TRTLLM_EXECUTOR
             else ""
         )
         raise ModelSourceError(f"no tokenizer.json at {tokenizer_file}.{hint}")

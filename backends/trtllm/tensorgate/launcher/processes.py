@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -14,13 +15,18 @@ from collections.abc import Sequence
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # Linux: a kill -9 of the launcher must not leave an orphaned executor or router.
+def _die_with_parent(parent_pid: int) -> None:
+    # Linux: a kill -9 of the launcher must not leave an orphaned executor or router. Runs in
+    # the child between fork and exec. The signal comes when the thread that forked the child
+    # exits: the supervisor starts every child from its main thread.
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
-        pass
+        return
+    # A parent that died before prctl ran sends nothing: the child was reparented already.
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 class Child:
@@ -35,7 +41,9 @@ class Child:
             stdout=None,
             stderr=subprocess.PIPE,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            # Its own process group, so that `kill` reaches what it started too (mpirun's ranks).
+            process_group=0,
         )
         self._pump = threading.Thread(target=self._echo, name=f"{name}-stderr", daemon=True)
         self._pump.start()
@@ -56,16 +64,26 @@ class Child:
         return "\n".join(list(self.tail)[-lines:])
 
     def terminate(self, timeout: float) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout` seconds."""
+        """SIGTERM, then SIGKILL to its process group after `timeout` seconds."""
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
             except ProcessLookupError:
                 pass
+        return self.proc.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL to its whole process group, at once: for a child that is stuck, not one
+        that is draining."""
+        try:
+            # The group outlives its leader while any member lives; the id is not reused then.
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone already
+        self.proc.wait()
         return self.proc.returncode
 
     @property

@@ -6,7 +6,7 @@
   (TensorRT-LLM's MPI *leader* mode, `CommunicationMode.LEADER`, the default of its
   `ParallelConfig`); rank 0 is the leader (`can_enqueue_requests()` is true there) and is the
   only one that serves gRPC on the unix socket; the other ranks run their share of every step
-  and exit when the leader shuts down (TrtllmEngine.from_args).
+  and exit when the leader shuts down (TrtllmEngine.from_config).
 
 Why leader mode under mpirun rather than TensorRT-LLM's orchestrator mode (where one process
 spawns `executorWorker` ranks through MPI_Comm_spawn): spawning needs dynamic-process support
@@ -15,6 +15,11 @@ mpirun the rank placement is explicit, the supervisor sees one child (mpirun) wh
 the executor died, SIGTERM to mpirun reaches every rank, and the rank's stderr reaches the
 launcher like any executor's. It is also how TensorRT-LLM's own multi-GPU examples
 (`examples/bindings/executor/README.md`) and the Triton backend run engines. Single node only.
+
+A Hugging Face checkpoint (the LLM API flavour, engines/trtllm_llmapi.py) starts as ONE
+process whatever its --tensor-parallel-size/--pipeline-parallel-size: `tensorrt_llm.LLM` starts
+its own ranks (an MpiPoolSession of tp x pp workers, `tensorrt_llm/llmapi/llm.py`
+BaseLLM.__init__, or Ray actors with --rl-hooks). Stale MPI variables are removed for it too.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from tensorgate.executor.engines.trtllm_config import (
     load_engine_config,
     visible_gpu_count,
 )
+from tensorgate.launcher.model_source import TRTLLM_LLMAPI, trtllm_flavour
 
 # Set by a parent mpirun/srun or a Slurm allocation. Inherited by a fresh mpirun (or by the
 # singleton MPI_Init of a world_size-1 executor) they make it join a job that is not ours:
@@ -124,6 +130,39 @@ def executor_command(
     return ExecutorCommand(argv=argv, env=clean, world_size=world)
 
 
+def llmapi_command(
+    model_dir: Path,
+    executor_args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    python: str = sys.executable,
+    gpu_count: Callable[[], int] | None = None,
+) -> ExecutorCommand:
+    """The command for a checkpoint served through the LLM API: one process; TensorRT-LLM
+    starts the other ranks itself."""
+    base_env = dict(os.environ if env is None else env)
+    world = 1
+    for flag in ("--tensor-parallel-size", "--pipeline-parallel-size"):
+        value = _option(executor_args, flag)
+        if value is not None:
+            try:
+                world *= int(value)
+            except ValueError:
+                raise TrtllmLaunchError(f"{flag} must be an integer, got {value!r}") from None
+    n = (gpu_count or (lambda: visible_gpu_count(base_env)))()
+    if n < world:
+        raise TrtllmLaunchError(
+            f"serving {model_dir} with tensor x pipeline parallel size {world} needs {world} "
+            f"GPU(s); {n} visible (CUDA_VISIBLE_DEVICES or the NVIDIA driver)"
+        )
+    clean, _ = clean_mpi_env(base_env)
+    return ExecutorCommand(
+        argv=[python, "-u", "-m", "tensorgate.executor", *executor_args],
+        env=clean,
+        world_size=world,
+    )
+
+
 def trtllm_command(
     executor_args: Sequence[str], *, env: Mapping[str, str] | None = None
 ) -> ExecutorCommand | None:
@@ -133,5 +172,7 @@ def trtllm_command(
         return None
     model = _option(executor_args, "--model-id")
     if model is None:
-        raise TrtllmLaunchError("the trtllm engine needs --model-id ENGINE_DIR")
+        raise TrtllmLaunchError("the trtllm engine needs --model-id ENGINE_DIR or a checkpoint")
+    if trtllm_flavour(Path(model)) == TRTLLM_LLMAPI:
+        return llmapi_command(Path(model), executor_args, env=env)
     return executor_command(Path(model), executor_args, env=env)

@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GrammarKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRAMMAR_KIND_UNSPECIFIED: _ClassVar[GrammarKind]
+    GRAMMAR_KIND_JSON_SCHEMA: _ClassVar[GrammarKind]
+    GRAMMAR_KIND_REGEX: _ClassVar[GrammarKind]
+    GRAMMAR_KIND_LARK: _ClassVar[GrammarKind]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -15,6 +22,10 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP_TOKEN: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+GRAMMAR_KIND_UNSPECIFIED: GrammarKind
+GRAMMAR_KIND_JSON_SCHEMA: GrammarKind
+GRAMMAR_KIND_REGEX: GrammarKind
+GRAMMAR_KIND_LARK: GrammarKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS_TOKEN: FinishReason
@@ -41,7 +52,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_num_tokens: _Optional[int] = ..., max_top_n_tokens: _Optional[int] = ...) -> None: ...
 
 class Features(_message.Message):
-    __slots__ = ("logprobs", "top_n_tokens", "seed", "top_k", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop_token_ids", "guided_decoding")
+    __slots__ = ("logprobs", "top_n_tokens", "seed", "top_k", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop_token_ids", "guided_decoding", "min_new_tokens", "logit_bias", "ignore_eos")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +64,9 @@ class Features(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GUIDED_DECODING_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     logprobs: bool
     top_n_tokens: bool
     seed: bool
@@ -64,7 +78,10 @@ class Features(_message.Message):
     presence_penalty: bool
     stop_token_ids: bool
     guided_decoding: bool
-    def __init__(self, logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[bool] = ..., seed: _Optional[bool] = ..., top_k: _Optional[bool] = ..., top_p: _Optional[bool] = ..., typical_p: _Optional[bool] = ..., repetition_penalty: _Optional[bool] = ..., frequency_penalty: _Optional[bool] = ..., presence_penalty: _Optional[bool] = ..., stop_token_ids: _Optional[bool] = ..., guided_decoding: _Optional[bool] = ...) -> None: ...
+    min_new_tokens: bool
+    logit_bias: bool
+    ignore_eos: bool
+    def __init__(self, logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[bool] = ..., seed: _Optional[bool] = ..., top_k: _Optional[bool] = ..., top_p: _Optional[bool] = ..., typical_p: _Optional[bool] = ..., repetition_penalty: _Optional[bool] = ..., frequency_penalty: _Optional[bool] = ..., presence_penalty: _Optional[bool] = ..., stop_token_ids: _Optional[bool] = ..., guided_decoding: _Optional[bool] = ..., min_new_tokens: _Optional[bool] = ..., logit_bias: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "engine", "dtype", "device", "vocab_size", "eos_token_ids", "limits", "kv_capacity_tokens", "features", "executor_version")
@@ -125,7 +142,14 @@ class SamplingParams(_message.Message):
     def __init__(self, do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("id", "input_ids", "max_new_tokens", "sampling", "stop_token_ids", "ignore_eos", "return_logprobs", "top_n_tokens", "priority")
+    __slots__ = ("id", "input_ids", "max_new_tokens", "sampling", "stop_token_ids", "ignore_eos", "return_logprobs", "top_n_tokens", "priority", "grammar", "min_new_tokens", "logit_bias")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +159,9 @@ class GenerateRequest(_message.Message):
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     max_new_tokens: int
@@ -144,7 +171,18 @@ class GenerateRequest(_message.Message):
     return_logprobs: bool
     top_n_tokens: int
     priority: int
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., return_logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+    grammar: Grammar
+    min_new_tokens: int
+    logit_bias: _containers.ScalarMap[int, float]
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., return_logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., grammar: _Optional[_Union[Grammar, _Mapping]] = ..., min_new_tokens: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
+
+class Grammar(_message.Message):
+    __slots__ = ("kind", "value")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    kind: GrammarKind
+    value: str
+    def __init__(self, kind: _Optional[_Union[GrammarKind, str]] = ..., value: _Optional[str] = ...) -> None: ...
 
 class GenerateCommand(_message.Message):
     __slots__ = ("requests", "cancel_ids")
@@ -217,3 +255,47 @@ class StatsResponse(_message.Message):
     requests_failed: int
     tokens_generated: int
     def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., last_iteration_ms: _Optional[float] = ..., iterations: _Optional[int] = ..., requests_received: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+
+class KvCacheEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KvBlock(_message.Message):
+    __slots__ = ("block_hash", "token_ids")
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    block_hash: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hash: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KvBlocksStored(_message.Message):
+    __slots__ = ("parent_hash", "blocks")
+    PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    parent_hash: int
+    blocks: _containers.RepeatedCompositeFieldContainer[KvBlock]
+    def __init__(self, parent_hash: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[KvBlock, _Mapping]]] = ...) -> None: ...
+
+class KvBlocksRemoved(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KvCacheEvent(_message.Message):
+    __slots__ = ("event_id", "stored", "removed", "all_cleared")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    ALL_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    stored: KvBlocksStored
+    removed: KvBlocksRemoved
+    all_cleared: bool
+    def __init__(self, event_id: _Optional[int] = ..., stored: _Optional[_Union[KvBlocksStored, _Mapping]] = ..., removed: _Optional[_Union[KvBlocksRemoved, _Mapping]] = ..., all_cleared: _Optional[bool] = ...) -> None: ...
+
+class KvCacheEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[KvCacheEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[KvCacheEvent, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ExecutorStub:
                 request_serializer=tensorgate_dot_v1_dot_executor__pb2.StatsRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_v1_dot_executor__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.KvCacheEvents = channel.unary_stream(
+                '/tensorgate.v1.Executor/KvCacheEvents',
+                request_serializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventBatch.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -90,6 +95,15 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KvCacheEvents(self, request, context):
+        """KV-cache events (blocks stored, removed, cache cleared) as the engine publishes them,
+        in order, for KV-aware routing across executors. UNIMPLEMENTED where the engine
+        publishes none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +126,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=tensorgate_dot_v1_dot_executor__pb2.StatsRequest.FromString,
                     response_serializer=tensorgate_dot_v1_dot_executor__pb2.StatsResponse.SerializeToString,
+            ),
+            'KvCacheEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.KvCacheEvents,
+                    request_deserializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventsRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class Executor:
             '/tensorgate.v1.Executor/Stats',
             tensorgate_dot_v1_dot_executor__pb2.StatsRequest.SerializeToString,
             tensorgate_dot_v1_dot_executor__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KvCacheEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorgate.v1.Executor/KvCacheEvents',
+            tensorgate_dot_v1_dot_executor__pb2.KvCacheEventsRequest.SerializeToString,
+            tensorgate_dot_v1_dot_executor__pb2.KvCacheEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,7 +13,18 @@ that need it (greedy rows that want no logprobs are not touched):
 - rows that asked for logprobs: the log-softmax of the distribution the token was drawn from
   (TGI's convention: after temperature/top-k/top-p; the raw model distribution when greedy), at
   the chosen token, and the top-n alternatives. They go to a `LogprobBook` keyed by (request,
-  step), where the engine's consumer thread picks them up with the tokens.
+  step), where the engine's consumer thread picks them up with the tokens;
+- before any of that, on the raw logits: repetition, frequency and presence penalties, logit
+  bias (cb_penalties), the end ids masked until min_new_tokens, and the grammar's token mask
+  (guided_decoding). These apply to greedy rows too, as in TGI and OpenAI.
+
+The manager takes the argmax of the rows this returns (`ContinuousBatchingProcessor` runs with
+`do_sample=False`; transformers' `model_runner._sample` is then `torch.argmax(scores)`), so the
+processor knows each row's chosen token in the same call: it records it in the request's
+`RowState` (penalty history, grammar matcher) right away. A request with any such state always
+has a ticket, so its row is never skipped; the engine checks the recorded tokens against the
+ones the manager reports. A grammar that completes, or a matcher that fails, ends the request
+after this very token by lowering its token limit in the manager's request state.
 
 Each row carries a ticket (an int32, the argument format of CB processors) that names what was
 registered for it when the batch was prepared.
@@ -34,6 +45,15 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.logits_process import LogitsProcessorList
 
+from tensorgate.executor.engines.cb_penalties import (
+    TokenHistory,
+    frequency_presence_,
+    logit_bias_,
+    repetition_penalty_,
+    typical_,
+)
+from tensorgate.executor.engines.guided_decoding import GrammarBackend, apply_allowed_
+
 NO_TICKET = -1
 
 
@@ -48,6 +68,45 @@ class RowSpec:
     seed: int = 0
     logprobs: bool = False
     top_n: int = 0
+    typical_p: float = 1.0  # 1.0: off; sampled rows only
+    repetition_penalty: float = 1.0  # 1.0: off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_new_tokens: int = 0
+    end_ids: tuple[int, ...] = ()  # the ids that would end the request (eos, stop_token_ids)
+
+    @property
+    def penalized(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+
+class RowState:
+    """What a request's row carries from step to step, shared by the processor (which writes it
+    in the manager's thread) and the engine (which reads it there, when the step's outputs are
+    delivered): the tokens chosen, the penalty history, the grammar matcher, and how the
+    processor ended the request, if it did."""
+
+    __slots__ = ("bias", "done", "error", "generated", "history", "matcher", "prompt")
+
+    def __init__(self, prompt: list[int], matcher=None) -> None:
+        self.prompt = prompt
+        self.matcher = matcher
+        self.generated: list[int] = []
+        self.history: TokenHistory | None = None
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.done = False  # the grammar is complete: the request ends with the last token
+        self.error: str | None = None
+
+    def __deepcopy__(self, memo) -> RowState:
+        # transformers deep-copies a request's processor kwargs when it re-queues a preempted
+        # request; the state belongs to the request, not to that copy (and a matcher cannot be
+        # copied that way).
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,17 +170,23 @@ def _top_p_(row: torch.Tensor, p: float) -> None:
     row[sorted_idx[remove]] = -math.inf
 
 
+# One registered row of a batch: (request id, generated before this step, spec, state, the
+# manager's request state).
+_Row = tuple[str, int, RowSpec, "RowState | None", object]
+
+
 class PerRequestSampler(ContinuousBatchingLogitsProcessor):
-    supported_kwargs: dict[str, type] = {"row_spec": RowSpec}  # noqa: RUF012 - transformers' API
+    supported_kwargs: dict[str, type] = {"row_spec": RowSpec, "row_state": RowState}  # noqa: RUF012 - transformers' API
     ignored_kwargs: tuple[str, ...] = ()
 
-    def __init__(self, book: LogprobBook) -> None:
+    def __init__(self, book: LogprobBook, grammar: GrammarBackend | None = None) -> None:
         self.book = book
+        self.grammar = grammar
         self._tickets = itertools.count()
         # Tickets of the batch being prepared and of the one before: with async batching one
         # batch is prepared ahead of the one computed; older entries are stale and dropped.
-        self._current: dict[int, tuple[str, int, RowSpec]] = {}
-        self._previous: dict[int, tuple[str, int, RowSpec]] = {}
+        self._current: dict[int, _Row] = {}
+        self._previous: dict[int, _Row] = {}
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(NO_TICKET)
@@ -131,16 +196,20 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         tickets = []
         for request in requests_with_new_token:
             state = request.state
-            spec = state.logit_processor_kwargs.get("row_spec")
+            kwargs = state.logit_processor_kwargs
+            spec = kwargs.get("row_spec")
             if spec is None:
                 tickets.append(NO_TICKET)
                 continue
             ticket = next(self._tickets) & 0x7FFF_FFFF
-            self._current[ticket] = (state.request_id, _generated_before(state), spec)
+            row_state = kwargs.get("row_state")
+            self._current[ticket] = (
+                state.request_id, _generated_before(state), spec, row_state, state
+            )  # fmt: skip
             tickets.append(ticket)
         return torch.tensor(tickets, dtype=torch.int32, device="cpu")
 
-    def _claim(self, ticket: int) -> tuple[str, int, RowSpec] | None:
+    def _claim(self, ticket: int) -> _Row | None:
         row = self._current.pop(ticket, None)
         return row if row is not None else self._previous.pop(ticket, None)
 
@@ -149,7 +218,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             # No row of this batch registered anything (all plain greedy): reading the tickets
             # back would cost a device-to-host copy, a sync of the accelerator every step.
             return scores
-        rows: list[tuple[int, str, int, RowSpec]] = []
+        rows: list[tuple[int, str, int, RowSpec, RowState | None, object]] = []
         for i, ticket in enumerate(tensor_arg[: scores.size(0)].tolist()):
             if ticket != NO_TICKET:
                 claimed = self._claim(ticket)
@@ -162,6 +231,11 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         specs = [r[3] for r in rows]
         index = torch.tensor([r[0] for r in rows], device=device)
         sub = scores.index_select(0, index).float()
+        # Rows whose logits this call changes, to be copied back; the others (greedy rows that
+        # only want logprobs) keep the raw scores, whose argmax is the manager's choice.
+        changed = [self._adjust(sub[j], r, vocab) for j, r in enumerate(rows)]
+        if self.grammar is not None:
+            changed = self._mask_grammar(sub, rows, changed)
         temps = [s.temperature if s.do_sample else 1.0 for s in specs]
         if any(t != 1.0 for t in temps):
             sub /= torch.tensor(temps, device=device, dtype=sub.dtype).unsqueeze(1)
@@ -170,6 +244,8 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
                 _top_k_(sub[j], s.top_k)
             if s.do_sample and 0.0 < s.top_p < 1.0:
                 _top_p_(sub[j], s.top_p)
+            if s.do_sample and 0.0 < s.typical_p < 1.0:
+                typical_(sub[j], s.typical_p)
         want_logprobs = any(s.logprobs or s.top_n for s in specs)
         logprobs = torch.log_softmax(sub, dim=-1) if want_logprobs else None
         sampled = [j for j, s in enumerate(specs) if s.do_sample]
@@ -177,16 +253,105 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             generator = torch.Generator(device=device)
             tiny = torch.finfo(torch.float32).tiny
             for j in sampled:
-                _, _, step, s = rows[j]
+                step, s = rows[j][2], rows[j][3]
                 generator.manual_seed(step_seed(s.seed, step))
                 u = torch.rand(vocab, generator=generator, device=device).clamp_(min=tiny)
                 sub[j] -= torch.log(-torch.log(u))
         if logprobs is not None:
             self._record(rows, specs, sub, logprobs)
-        if not sampled:
+        self._track(sub, rows)
+        picked = [j for j, c in enumerate(changed) if c or specs[j].do_sample]
+        if not picked:
             return scores  # greedy rows only: the manager's argmax of the raw scores stands
-        picked = torch.tensor(sampled, device=device)
-        return scores.index_copy(0, index[picked], sub[picked].to(scores.dtype))
+        at = torch.tensor(picked, device=device)
+        return scores.index_copy(0, index[at], sub[at].to(scores.dtype))
+
+    @staticmethod
+    def _adjust(row: torch.Tensor, r, vocab: int) -> bool:
+        """Penalties, logit bias and the min_new_tokens mask, on one raw row, in place. True
+        when the row was changed."""
+        _, _, step, s, st, _ = r
+        changed = False
+        if st is not None and s.penalized:
+            if st.history is None:
+                st.history = TokenHistory(st.prompt, vocab, row.device)
+            if s.repetition_penalty != 1.0:
+                repetition_penalty_(row, st.history.seen, s.repetition_penalty)
+            if s.frequency_penalty or s.presence_penalty:
+                frequency_presence_(row, st.history.counts, s.frequency_penalty, s.presence_penalty)
+            changed = True
+        if s.logit_bias and st is not None:
+            if st.bias is None:
+                ids, values = zip(*s.logit_bias, strict=True)
+                st.bias = (
+                    torch.tensor(ids, dtype=torch.long, device=row.device),
+                    torch.tensor(values, dtype=row.dtype, device=row.device),
+                )
+            logit_bias_(row, *st.bias)
+            changed = True
+        if step < s.min_new_tokens and s.end_ids:
+            row[list(s.end_ids)] = -math.inf
+            changed = True
+        return changed
+
+    def _mask_grammar(self, sub: torch.Tensor, rows, changed: list[bool]) -> list[bool]:
+        assert self.grammar is not None
+        at: list[int] = []
+        matchers = []
+        for j, r in enumerate(rows):
+            st = r[4]
+            if st is None or st.matcher is None:
+                continue
+            if st.matcher.is_error():
+                st.error = f"the grammar matcher failed: {st.matcher.get_error()}"
+                continue
+            at.append(j)
+            matchers.append(st.matcher)
+        if not at:
+            return changed
+        allowed = self.grammar.allowed(matchers, sub.device)
+        picked = torch.tensor(at, device=sub.device)
+        masked = sub.index_select(0, picked)
+        apply_allowed_(masked, allowed)
+        sub.index_copy_(0, picked, masked)
+        for j in at:
+            changed[j] = True
+        return changed
+
+    @staticmethod
+    def _track(final: torch.Tensor, rows) -> None:
+        """Records each stateful row's chosen token (the argmax of what is returned, which is
+        what the manager takes) and ends the request where the grammar says so."""
+        stateful = [j for j, r in enumerate(rows) if r[4] is not None]
+        if not stateful:
+            return
+        best = final[stateful].max(dim=-1)
+        chosen = best.indices.tolist()
+        top = best.values.tolist()
+        for k, j in enumerate(stateful):
+            st: RowState = rows[j][4]
+            request_state = rows[j][5]
+            token = chosen[k]
+            if st.error is None and top[k] == -math.inf:
+                st.error = (
+                    "no token is allowed at this step: the grammar admits only end-of-sequence "
+                    "or stop tokens, and min_new_tokens forbids them yet"
+                )
+            if st.error is not None:
+                _end_after_this_token(request_state)
+                continue
+            st.generated.append(token)
+            if st.history is not None:
+                st.history.add(token)
+            m = st.matcher
+            if m is None:
+                continue
+            if not m.consume_token(token):
+                st.error = f"the grammar matcher failed: {m.get_error()}"
+                _end_after_this_token(request_state)
+            elif m.is_stopped():
+                st.done = True
+                _end_after_this_token(request_state)
 
     def _record(self, rows, specs, final: torch.Tensor, logprobs: torch.Tensor) -> None:
         # The manager takes the argmax of the rows as returned, so this is its choice.
@@ -198,42 +363,78 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         if max_n:
             values, ids = torch.topk(logprobs, max_n, dim=-1)
             top_lp, top_ids = values.tolist(), ids.tolist()
-        for j, (_, request_id, step, s) in enumerate(rows):
+        for j, r in enumerate(rows):
+            request_id, step, s = r[1], r[2], r[3]
             if not (s.logprobs or s.top_n):
                 continue
             ids_j: list[int] = []
             lps_j: list[float] = []
             for n in range(s.top_n):
                 if top_lp[j][n] == -math.inf:
-                    break  # filtered out by top-k/top-p: not an alternative
+                    break  # filtered out by top-k/top-p or masked: not an alternative
                 ids_j.append(top_ids[j][n])
                 lps_j.append(top_lp[j][n])
             self.book.put(request_id, step, TokenLogprobs(chosen_lp[j], ids_j, lps_j))
 
 
-def build_processor_list(book: LogprobBook) -> ContinuousBatchingLogitsProcessorList:
+def _end_after_this_token(request_state) -> None:
+    """Makes the manager finish the request with the token of this step: its per-request token
+    limit becomes what it has generated plus this one (`RequestState.update_and_check_completion`
+    appends the token, then finishes at the limit)."""
+    request_state._new_tokens_limit = request_state.generated_len() + 1
+
+
+def build_processor_list(
+    book: LogprobBook, grammar: GrammarBackend | None = None
+) -> ContinuousBatchingLogitsProcessorList:
     """The manager's processor list, with our sampler as its only processor."""
     plist = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
-    plist.logits_processor = LogitsProcessorList([PerRequestSampler(book)])
+    plist.logits_processor = LogitsProcessorList([PerRequestSampler(book, grammar)])
     plist.tensors_required = 1
     plist._retrieve_processors_kwargs()
     plist.do_processing = True
     return plist
 
 
-def row_spec(sampling, return_logprobs: bool, top_n: int) -> RowSpec | None:
-    """The RowSpec of a wire request, or None when the row needs nothing (plain greedy)."""
-    if not sampling.do_sample and not return_logprobs and not top_n:
+def row_spec(req, end_ids: frozenset[int] = frozenset()) -> RowSpec | None:
+    """The RowSpec of a wire request (`end_ids`: the ids that would end it), or None when the
+    row needs nothing (plain greedy)."""
+    sampling = req.sampling
+    rep = float(sampling.repetition_penalty)
+    adjust = dict(
+        repetition_penalty=rep if rep > 0 else 1.0,  # 0: unset on the wire
+        frequency_penalty=float(sampling.frequency_penalty),
+        presence_penalty=float(sampling.presence_penalty),
+        logit_bias=tuple(sorted((int(k), float(v)) for k, v in req.logit_bias.items())),
+        min_new_tokens=int(req.min_new_tokens),
+        end_ids=tuple(sorted(end_ids)) if req.min_new_tokens else (),
+    )
+    plain = (
+        adjust["repetition_penalty"] == 1.0
+        and not adjust["frequency_penalty"]
+        and not adjust["presence_penalty"]
+        and not adjust["logit_bias"]
+        and not adjust["min_new_tokens"]
+        and not req.HasField("grammar")
+    )
+    if plain and not sampling.do_sample and not req.return_logprobs and not req.top_n_tokens:
         return None
     if not sampling.do_sample:
-        return RowSpec(logprobs=return_logprobs, top_n=top_n)
+        return RowSpec(logprobs=req.return_logprobs, top_n=req.top_n_tokens, **adjust)
     return RowSpec(
         do_sample=True,
         temperature=float(sampling.temperature) if sampling.temperature > 0 else 1.0,
         top_k=int(sampling.top_k),
         top_p=float(sampling.top_p) if 0.0 < sampling.top_p < 1.0 else 1.0,
+        typical_p=float(sampling.typical_p) if 0.0 < sampling.typical_p < 1.0 else 1.0,
         # Unseeded requests still differ from one another.
         seed=int(sampling.seed) if sampling.HasField("seed") else random.getrandbits(63),
-        logprobs=return_logprobs,
-        top_n=top_n,
+        logprobs=req.return_logprobs,
+        top_n=req.top_n_tokens,
+        **adjust,
     )
+
+
+def needs_state(spec: RowSpec | None, grammar: bool) -> bool:
+    """Whether a request carries a RowState: it does when anything of it outlives a step."""
+    return grammar or (spec is not None and (spec.penalized or bool(spec.logit_bias)))

@@ -7,7 +7,6 @@ id and step) and never an eos id; requests beyond the batch capacity wait, FIFO.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import threading
 import time
@@ -21,8 +20,11 @@ from tensorgate.executor.engine import (
     EngineLimits,
     Inbox,
     add_finished,
+    check_features,
     check_request,
 )
+from tensorgate.executor.live_requests import LiveRequests
+from tensorgate.executor.settings import DEFAULT_ITERATION_MS, DEFAULT_VOCAB_SIZE, EngineConfig
 from tensorgate.v1 import executor_pb2 as pb
 
 BLOCK_SIZE = 64
@@ -32,10 +34,13 @@ _STOP = pb.FINISH_REASON_STOP_TOKEN
 
 @dataclass(slots=True)
 class _Active:
+    """A request taken in, waiting or running."""
+
     rid: int
     prompt_len: int
     max_new: int
     stop: frozenset[int] | None
+    min_new: int = 0  # a stop token before this many tokens does not end the request
     generated: int = 0
 
 
@@ -51,11 +56,11 @@ class _Snapshot:
 class SyntheticEngine(Engine):
     def __init__(
         self,
-        iteration_ms: float = 20.0,
+        iteration_ms: float = DEFAULT_ITERATION_MS,
         max_batch_size: int = 256,
         max_input_tokens: int = 4096,
         max_total_tokens: int = 8192,
-        vocab_size: int = 32000,
+        vocab_size: int = DEFAULT_VOCAB_SIZE,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -69,23 +74,27 @@ class SyntheticEngine(Engine):
             max_num_tokens=max_batch_size * max_total_tokens,
         )
         self.inbox = Inbox()
-        self.waiting: collections.deque[pb.GenerateRequest] = collections.deque()
-        self.active: dict[int, _Active] = {}
+        # Only the loop's thread touches these: no lock.
+        self.live: LiveRequests[_Active] = LiveRequests(self.counters)  # waiting or running
+        self.waiting: collections.deque[_Active] = collections.deque()
+        self.active: dict[int, _Active] = {}  # running
         self._snapshot = _Snapshot()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Ordinary ids only: low ids are special tokens in most vocabularies.
         self._low = min(1000, vocab_size // 4)
         self._span = vocab_size - self._low
+        self.features = EngineFeatures(stop_token_ids=True, min_new_tokens=True, ignore_eos=True)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> SyntheticEngine:
+    def from_config(cls, config: EngineConfig) -> SyntheticEngine:
+        s = config.settings
         return cls(
-            iteration_ms=args.iteration_ms if args.iteration_ms is not None else 20.0,
-            max_batch_size=args.max_batch_size or 256,
-            max_input_tokens=args.max_input_tokens or 4096,
-            max_total_tokens=args.max_total_tokens or 8192,
-            vocab_size=args.vocab_size or 32000,
+            iteration_ms=s.iteration_ms,
+            max_batch_size=s.max_batch_size or 256,
+            max_input_tokens=s.max_input_tokens or 4096,
+            max_total_tokens=s.max_total_tokens or 8192,
+            vocab_size=s.vocab_size,
         )
 
     def info(self) -> EngineInfo:
@@ -99,7 +108,9 @@ class SyntheticEngine(Engine):
             limits=self.limits,
             kv_capacity_tokens=self.limits.max_batch_size * self.limits.max_total_tokens,
             # It ignores sampling, so it claims none of it: the router refuses such requests.
-            features=EngineFeatures(stop_token_ids=True),
+            # What it honours is about when a request ends: stop ids (after min_new_tokens),
+            # and ignore_eos, trivially: it never emits an eos id.
+            features=self.features,
         )
 
     def start(self, emit: Emit) -> None:
@@ -139,9 +150,8 @@ class SyntheticEngine(Engine):
         batch = pb.IterationOutput()
         self._take_inbox(batch)
         while self.waiting and len(self.active) < self.limits.max_batch_size:
-            r = self.waiting.popleft()
-            stop = frozenset(r.stop_token_ids) if r.stop_token_ids else None
-            self.active[r.id] = _Active(r.id, len(r.input_ids), r.max_new_tokens, stop)
+            a = self.waiting.popleft()
+            self.active[a.rid] = a
         # The hot loop: field-by-field on `add()` is the cheapest way to build the message.
         add = batch.outputs.add
         low, span = self._low, self._span
@@ -153,21 +163,21 @@ class SyntheticEngine(Engine):
             out = add()
             out.request_id = a.rid
             out.token_ids.append(tok)
-            if a.stop is not None and tok in a.stop:
+            if a.stop is not None and tok in a.stop and a.generated >= a.min_new:
                 out.finish_reason = _STOP
-                done.append(a.rid)
+                done.append((a.rid, _STOP))
             elif a.generated >= a.max_new:
                 out.finish_reason = _LENGTH
-                done.append(a.rid)
+                done.append((a.rid, _LENGTH))
         stepped = len(self.active)
-        for rid in done:
+        for rid, reason in done:
             del self.active[rid]
+            self.live.finish(rid, reason)
         self._snapshot = _Snapshot(
             active=len(self.active),
             queued=len(self.waiting),
             used_tokens=sum(a.prompt_len + a.generated for a in self.active.values()),
         )
-        c.requests_finished += len(done)
         c.tokens_generated += stepped
         c.iterations += 1
         if batch.outputs:
@@ -178,36 +188,33 @@ class SyntheticEngine(Engine):
         c = self.counters
         for r in requests:
             c.requests_received += 1
-            err = check_request(r, self.limits)
+            err = check_request(r, self.limits) or check_features(r, self.features)
             if err:
                 c.requests_failed += 1
                 add_finished(batch, r.id, pb.FINISH_REASON_ERROR, err)
+            elif r.id in self.live:
+                c.requests_failed += 1
+                add_finished(
+                    batch, r.id, pb.FINISH_REASON_ERROR, f"request id {r.id} is already in flight"
+                )
             else:
-                self.waiting.append(r)
+                stop = frozenset(r.stop_token_ids) if r.stop_token_ids else None
+                a = _Active(r.id, len(r.input_ids), r.max_new_tokens, stop, r.min_new_tokens)
+                self.live.add(r.id, a)
+                self.waiting.append(a)
         if not cancels:
             return
-        gone = set(cancels)
-        for rid in gone:
-            if self.active.pop(rid, None) is not None:
-                c.requests_cancelled += 1
-                add_finished(batch, rid, pb.FINISH_REASON_CANCELLED)
-        if self.waiting and any(r.id in gone for r in self.waiting):
-            kept: collections.deque[pb.GenerateRequest] = collections.deque()
-            for r in self.waiting:
-                if r.id in gone:
-                    c.requests_cancelled += 1
-                    add_finished(batch, r.id, pb.FINISH_REASON_CANCELLED)
-                else:
-                    kept.append(r)
-            self.waiting = kept
+        cancelled = self.live.cancel(cancels, batch)
+        if not cancelled:
+            return
+        for rid, _ in cancelled:
+            self.active.pop(rid, None)
+        if len(self.live) < len(self.active) + len(self.waiting):
+            self.waiting = collections.deque(a for a in self.waiting if a.rid in self.live)
 
     def _fail_all(self, emit: Emit, message: str) -> None:
         batch = pb.IterationOutput()
-        for rid in self.active:
-            add_finished(batch, rid, pb.FINISH_REASON_ERROR, message)
-        for r in self.waiting:
-            add_finished(batch, r.id, pb.FINISH_REASON_ERROR, message)
-        self.counters.requests_failed += len(batch.outputs)
+        self.live.fail_all(message, batch)
         self.active.clear()
         self.waiting.clear()
         self._snapshot = _Snapshot()

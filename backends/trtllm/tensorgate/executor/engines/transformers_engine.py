@@ -6,12 +6,12 @@ The manager's output router is replaced by one that turns each step's results in
 message in the manager's own thread and hands it to the server: one cross-thread hand-off per
 step (as `transformers serve` gets with its result handlers), not one queue put, wake-up and GIL
 hand-over per token. No per-token text.
-Per-request sampling and logprobs are done by our own CB logits processor (see cb_sampling).
+Per-request sampling and logprobs, penalties, logit bias, min_new_tokens and grammars are done
+by our own CB logits processor (see cb_sampling); grammars with llguidance (guided_decoding).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
@@ -32,14 +32,23 @@ from tensorgate.executor.engine import (
     EngineInfo,
     EngineLimits,
     add_finished,
+    check_features,
     check_request,
 )
-from tensorgate.executor.engines.cb_sampling import LogprobBook, build_processor_list, row_spec
+from tensorgate.executor.engines.cb_sampling import (
+    LogprobBook,
+    RowState,
+    build_processor_list,
+    needs_state,
+    row_spec,
+)
+from tensorgate.executor.engines.guided_decoding import GrammarBackend, GrammarError
+from tensorgate.executor.live_requests import LiveRequests
+from tensorgate.executor.settings import DEFAULT_BLOCK_SIZE, EngineConfig
 from tensorgate.v1 import executor_pb2 as pb
 
 log = logging.getLogger("tensorgate.executor.transformers")
 
-DEFAULT_BLOCK_SIZE = 64
 MAX_TOP_N_TOKENS = 5
 CACHE_SETUP_TIMEOUT_S = 600.0
 
@@ -55,6 +64,7 @@ class _Live:
     stop: frozenset[int]
     logprobs: bool
     top_n: int
+    row: RowState | None = None  # what the processor records for it, when anything
 
 
 class _StepRouter(OutputRouter):
@@ -211,18 +221,38 @@ class TransformersEngine(Engine):
             seed=0,
         )
         self.book = LogprobBook()
+        # ~1 s for a 50k vocabulary; None (guided decoding off) when the checkpoint has no
+        # tokenizer llguidance can read.
+        self.grammar = GrammarBackend.load(model_dir, self.vocab_size, self.eos_ids)
+        self.features = EngineFeatures(
+            logprobs=True,
+            top_n_tokens=True,
+            seed=True,
+            top_k=True,
+            top_p=True,
+            typical_p=True,
+            repetition_penalty=True,
+            frequency_penalty=True,
+            presence_penalty=True,
+            stop_token_ids=True,
+            guided_decoding=self.grammar is not None,
+            min_new_tokens=True,
+            logit_bias=True,
+            # Each request carries its own eos set into the manager (empty when ignored).
+            ignore_eos=True,
+        )
         self.manager = self.model.init_continuous_batching(
             generation_config=gen_config, continuous_batching_config=cb_config
         )
-        self._live: dict[int, _Live] = {}
-        self._lock = threading.Lock()  # guards _live and the counters
+        self._lock = threading.Lock()  # guards the live table and the counters
+        self.live: LiveRequests[_Live] = LiveRequests(self.counters)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._emit: Emit | None = None
         self._last_step: float | None = None  # when the last step's outputs came, if busy since
         # Both replaced before the loop starts: the batch processor picks them up when it is
         # created.
-        self.manager.logit_processor = build_processor_list(self.book)
+        self.manager.logit_processor = build_processor_list(self.book, self.grammar)
         self.manager.output_router = _StepRouter(self._on_outputs)
         self._start_manager()
         cache = self.manager.batch_processor.cache
@@ -245,20 +275,21 @@ class TransformersEngine(Engine):
             time.sleep(0.01)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TransformersEngine:
-        if args.model_id is None:
+    def from_config(cls, config: EngineConfig) -> TransformersEngine:
+        if config.model_dir is None:
             raise EngineError("the transformers engine needs --model-id")
+        s = config.settings
         return cls(
-            args.model_id,
+            config.model_dir,
             TransformersSettings(
-                device=args.device,
-                dtype=args.dtype,
-                max_batch_size=args.max_batch_size,
-                max_input_tokens=args.max_input_tokens,
-                max_total_tokens=args.max_total_tokens,
-                max_num_tokens=args.max_num_tokens,
-                kv_cache_blocks=args.kv_cache_blocks,
-                block_size=args.block_size or DEFAULT_BLOCK_SIZE,
+                device=s.device,
+                dtype=s.dtype,
+                max_batch_size=s.max_batch_size,
+                max_input_tokens=s.max_input_tokens,
+                max_total_tokens=s.max_total_tokens,
+                max_num_tokens=s.max_num_tokens,
+                kv_cache_blocks=s.kv_cache_blocks,
+                block_size=s.block_size,
             ),
         )
 
@@ -272,14 +303,7 @@ class TransformersEngine(Engine):
             eos_token_ids=self.eos_ids,
             limits=self.limits,
             kv_capacity_tokens=self.num_blocks * self.block_size,
-            features=EngineFeatures(
-                logprobs=True,
-                top_n_tokens=True,
-                seed=True,
-                top_k=True,
-                top_p=True,
-                stop_token_ids=True,
-            ),
+            features=self.features,
         )
 
     def start(self, emit: Emit) -> None:
@@ -290,7 +314,7 @@ class TransformersEngine(Engine):
     def submit(self, requests: list[pb.GenerateRequest]) -> None:
         errors = pb.IterationOutput()
         for r in requests:
-            err = check_request(r, self.limits)
+            err = check_request(r, self.limits) or check_features(r, self.features)
             if err is None:
                 err = self._add(r)
             with self._lock:
@@ -306,10 +330,26 @@ class TransformersEngine(Engine):
         stop = frozenset(r.stop_token_ids)
         eos = frozenset() if r.ignore_eos else frozenset(self.eos_ids)
         key = str(r.id)
-        spec = row_spec(r.sampling, r.return_logprobs, r.top_n_tokens)
+        spec = row_spec(r, eos | stop)
         wants_logprobs = spec is not None and (spec.logprobs or spec.top_n > 0)
+        grammar = r.HasField("grammar")
+        row = None
+        if needs_state(spec, grammar):
+            try:
+                # Built here, once: a grammar that cannot be enforced fails its own request.
+                matcher = self.grammar.matcher(r.grammar) if grammar and self.grammar else None
+            except GrammarError as e:
+                return str(e)
+            row = RowState(list(r.input_ids), matcher)
+        kwargs = {}
+        if spec is not None:
+            kwargs["row_spec"] = spec
+        if row is not None:
+            kwargs["row_state"] = row
         with self._lock:
-            self._live[r.id] = _Live(0, eos, stop, r.return_logprobs, r.top_n_tokens)
+            if r.id in self.live:
+                return f"request id {r.id} is already in flight"
+            self.live.add(r.id, _Live(0, eos, stop, r.return_logprobs, r.top_n_tokens, row))
         if wants_logprobs:
             self.book.track(key)
         added = self.manager.add_request(
@@ -318,26 +358,24 @@ class TransformersEngine(Engine):
             max_new_tokens=r.max_new_tokens,
             streaming=True,
             eos_token_id=sorted(eos | stop) or -1,
-            **({"row_spec": spec} if spec is not None else {}),
+            **kwargs,
         )
         if added is None:
             with self._lock:
-                self._live.pop(r.id, None)
+                # Never started: not counted as ended (submit counts it as failed).
+                self.live.forget(r.id)
             self.book.forget(key)
             return "the engine is not accepting requests (it is stopping or has failed)"
         return None
 
     def cancel(self, request_ids: list[int]) -> None:
         batch = pb.IterationOutput()
-        for rid in request_ids:
-            with self._lock:
-                live = self._live.pop(rid, None)
-                if live is None:
-                    continue  # unknown or already finished
-                self.counters.requests_cancelled += 1
+        with self._lock:
+            cancelled = self.live.cancel(request_ids, batch)
+        # Outside the lock: the manager's thread takes it to deliver outputs.
+        for rid, _ in cancelled:
             self.manager.cancel_request(str(rid))
             self.book.forget(str(rid))
-            add_finished(batch, rid, pb.FINISH_REASON_CANCELLED)
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
@@ -366,54 +404,69 @@ class TransformersEngine(Engine):
                 # From one step's outputs to the next's: a step, when requests were running
                 # all along (the first step after an idle spell is not counted).
                 self.counters.last_iteration_ms = (now - self._last_step) * 1000
-            self._last_step = now if self._live else None
+            self._last_step = now if self.live else None
 
     def _add_output(self, batch: pb.IterationOutput, res) -> None:
         rid = int(res.request_id)
+        key = str(rid)
         tokens = res.generated_tokens
         with self._lock:
-            live = self._live.get(rid)
+            live = self.live.get(rid)
             if live is None:
                 return  # cancelled: its CANCELLED output was already sent
             first = live.sent
             new = tokens[first:]
             live.sent = len(tokens)
             reason, error = _finish_reason(res, tokens, live)
-            c = self.counters
-            c.tokens_generated += len(new)
+            running = reason == _UNFINISHED
+            if live.row is not None and reason != pb.FINISH_REASON_ERROR:
+                # The processor's record of the chosen tokens must be what the manager
+                # produced: penalties and grammar state are built on it.
+                if live.row.error is not None:
+                    reason, error, new = pb.FINISH_REASON_ERROR, live.row.error, []
+                elif live.row.generated[first : len(tokens)] != new:
+                    reason, new = pb.FINISH_REASON_ERROR, []
+                    error = (
+                        "the sampler's record of the chosen tokens disagrees with the engine's; "
+                        "the request is ended rather than continue with penalties or a grammar "
+                        "applied to the wrong tokens"
+                    )
+            lps = None
+            if new and (live.logprobs or live.top_n):
+                lps = self.book.take(key, first, len(new))
+                missing = sum(lp is None for lp in lps)
+                if missing:
+                    # cb_sampling records every row that asks, so this is a bug; the request
+                    # fails rather than carry log probabilities the engine did not produce.
+                    reason = pb.FINISH_REASON_ERROR
+                    error = (
+                        f"the engine recorded no log probability for {missing} of {len(new)} "
+                        "token(s) of a request that asked for them; the request is ended "
+                        "rather than report values the engine did not produce"
+                    )
+                    new, lps = [], None
+            self.counters.tokens_generated += len(new)
             if reason != _UNFINISHED:
-                del self._live[rid]
-                if reason == pb.FINISH_REASON_ERROR:
-                    c.requests_failed += 1
-                else:
-                    c.requests_finished += 1
+                self.live.finish(rid, reason)
+        if reason == pb.FINISH_REASON_ERROR and running:
+            self.manager.cancel_request(key)  # a queue put: fine from the manager's thread
         if not new and reason == _UNFINISHED:
             return
         out = batch.outputs.add(request_id=rid, token_ids=new, finish_reason=reason, error=error)
-        if new and (live.logprobs or live.top_n):
-            key = str(rid)
-            for lp in self.book.take(key, first, len(new)):
-                if lp is None:
-                    # Cannot happen for a tracked request; a visible NaN beats a shifted list.
-                    lp_value, top_ids, top_lps = float("nan"), [], []
-                else:
-                    lp_value, top_ids, top_lps = lp.logprob, lp.top_ids, lp.top_logprobs
-                if live.logprobs:
-                    out.logprobs.append(lp_value)
-                if live.top_n:
-                    out.top_tokens.add(ids=top_ids, logprobs=top_lps)
-            if reason != _UNFINISHED:
-                self.book.forget(key)
+        for lp in lps or ():
+            if live.logprobs:
+                out.logprobs.append(lp.logprob)
+            if live.top_n:
+                out.top_tokens.add(ids=lp.top_ids, logprobs=lp.top_logprobs)
+        if reason != _UNFINISHED and (live.logprobs or live.top_n):
+            self.book.forget(key)
 
     def _fail_all(self, message: str) -> None:
-        with self._lock:
-            ids = list(self._live)
-            self._live.clear()
-            self.counters.requests_failed += len(ids)
         batch = pb.IterationOutput()
-        for rid in ids:
+        with self._lock:
+            failed = self.live.fail_all(message, batch)
+        for rid, _ in failed:
             self.book.forget(str(rid))
-            add_finished(batch, rid, pb.FINISH_REASON_ERROR, message)
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
@@ -435,7 +488,7 @@ class TransformersEngine(Engine):
             queued += len(processor.scheduler.waiting_requests)
             free = min(round(processor.cache.compute_free_capacity(relative=True) * free), free)
         with self._lock:
-            live = len(self._live)
+            live = len(self.live)
             return self.counters.to_proto(
                 active=max(live - queued, 0),
                 queued=min(queued, live),
@@ -462,4 +515,7 @@ def _finish_reason(res, tokens: list[int], live: _Live) -> tuple[int, str]:
         return pb.FINISH_REASON_STOP_TOKEN, ""
     if last in live.eos:
         return pb.FINISH_REASON_EOS_TOKEN, ""
+    if live.row is not None and live.row.done:
+        # The grammar is complete: its last token ends the request, as a stop token would.
+        return pb.FINISH_REASON_STOP_TOKEN, ""
     return pb.FINISH_REASON_LENGTH, ""

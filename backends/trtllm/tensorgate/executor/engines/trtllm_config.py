@@ -7,6 +7,13 @@ file: `max_batch_size`, `max_input_len`, `max_seq_len`, `max_num_tokens`, `max_b
 `plugin_config.tokens_per_block`) and `tensorrt_llm/mapping.py` (`Mapping.to_dict`:
 `world_size`, `tp_size`, `pp_size`, `gpus_per_node`).
 
+The prompt limit is the executor's, not `build_config.max_input_len`: TensorRT-LLM's
+`cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp` (the TrtGptModelInflightBatching
+constructor) sets maxInputLen to `max_seq_len - 1` when chunked context is on, to
+`min(max_seq_len - 1, max_num_tokens)` when context FMHA and packed input (remove_input_padding)
+are on, and to `build_config.max_input_len` otherwise; `LlmRequest::validate`
+(`cpp/tensorrt_llm/batch_manager/llmRequest.cpp`) refuses a longer prompt.
+
 This module reads only what tensorgate needs, checks it, and turns it into EngineLimits. Every
 error names the file and the field, so a broken or foreign directory fails at load with a
 message rather than deep inside the engine.
@@ -53,6 +60,12 @@ class TrtllmEngineConfig:
     max_beam_width: int
     tokens_per_block: int | None
     mapping: EngineMapping
+    # plugin_config flags that decide the executor's prompt limit and whether chunked context
+    # can run (executorImpl.cpp checkOptionalParams turns chunked context off, with only a
+    # warning, unless paged context FMHA is on).
+    context_fmha: bool = True
+    remove_input_padding: bool = True
+    paged_context_fmha: bool = False
 
     @property
     def engine_dir(self) -> Path:
@@ -61,13 +74,23 @@ class TrtllmEngineConfig:
     def engine_files(self) -> list[Path]:
         return [self.engine_dir / f"rank{r}.engine" for r in range(self.mapping.world_size)]
 
-    def limits(self, overrides: LimitOverrides | None = None) -> EngineLimits:
+    def executor_max_input_len(self, chunked_context: bool) -> int:
+        """The executor's own prompt limit (trtGptModelInflightBatching.cpp, see above)."""
+        if chunked_context:
+            return self.max_seq_len - 1
+        if self.context_fmha and self.remove_input_padding:
+            return min(self.max_seq_len - 1, self.max_num_tokens)
+        return self.max_input_len
+
+    def limits(
+        self, overrides: LimitOverrides | None = None, *, chunked_context: bool = False
+    ) -> EngineLimits:
         """The engine's limits, tightened (never widened) by the CLI overrides."""
         o = overrides or LimitOverrides()
         batch = _tighten("--max-batch-size", o.max_batch_size, self.max_batch_size, self)
         total = _tighten("--max-total-tokens", o.max_total_tokens, self.max_seq_len, self)
         # The engine refuses a prompt that leaves no room for one generated token.
-        max_input = min(self.max_input_len, total - 1)
+        max_input = min(self.executor_max_input_len(chunked_context), total - 1)
         max_input = _tighten("--max-input-tokens", o.max_input_tokens, max_input, self)
         return EngineLimits(
             max_batch_size=batch,
@@ -210,6 +233,11 @@ def load_engine_config(engine_dir: Path) -> TrtllmEngineConfig:
         max_beam_width=max_beam_width,
         tokens_per_block=r.optional_integer(plugin, "build_config.plugin_config.tokens_per_block"),
         mapping=mapping,
+        # An absent flag: context_fmha and remove_input_padding as trtllm-build's defaults (on);
+        # paged context FMHA off, so that chunked context is never assumed without it.
+        context_fmha=plugin.get("context_fmha", True) is True,
+        remove_input_padding=plugin.get("remove_input_padding", True) is True,
+        paged_context_fmha=plugin.get("use_paged_context_fmha", False) is True,
     )
     missing = [p.name for p in cfg.engine_files() if not p.is_file()]
     if missing:

@@ -15,7 +15,7 @@ O(engine steps) messages. TensorRT-LLM's own request ids are mapped to the serve
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -44,6 +44,16 @@ from tensorgate.executor.engines.trtllm_config import (
     load_engine_config,
     visible_gpu_count,
 )
+from tensorgate.executor.live_requests import LiveRequests
+from tensorgate.executor.settings import (
+    DEFAULT_CAPACITY_SCHEDULER_POLICY,
+    DEFAULT_FREE_GPU_MEMORY_FRACTION,
+    DEFAULT_KV_BLOCK_REUSE,
+    EngineConfig,
+    ExecutorSettings,
+    SettingError,
+    check_setting,
+)
 from tensorgate.v1 import executor_pb2 as pb
 
 log = logging.getLogger("tensorgate.executor.trtllm")
@@ -54,17 +64,15 @@ MISSING_TRTLLM = (
     "TensorRT-LLM is not installable from PyPI alone: run tensorgate in the container built from "
     f"this repository's Dockerfile_trtllm (based on NVIDIA's {RELEASE_IMAGE}:<tag> image), e.g. "
     "`docker build -f Dockerfile_trtllm -t tensorgate-trtllm . && docker run --gpus all "
-    "--shm-size 1g -p 3000:3000 -v $ENGINES:/data tensorgate-trtllm --model-id /data "
-    "--tokenizer-name /data`, or install tensorgate inside "
+    "--shm-size 1g -p 3000:3000 -v $MODELS:/models tensorgate-trtllm tensorgate serve "
+    "--engine trtllm --model-id /models/<checkpoint or engine dir>`, or install tensorgate inside "
     f"{RELEASE_IMAGE}:<tag>. See docs/trtllm.md."
 )
 
-DEFAULT_FREE_GPU_MEMORY_FRACTION = 0.9
 AWAIT_TIMEOUT = datetime.timedelta(milliseconds=100)
 WARMUP_TIMEOUT_S = 600.0
 
 _UNFINISHED = pb.FINISH_REASON_UNSPECIFIED
-_POLICIES = ("guaranteed_no_evict", "max_utilization")
 
 
 def import_bindings() -> ModuleType:
@@ -88,8 +96,8 @@ class TrtllmSettings:
     # the weights that the paged KV cache takes.
     kv_cache_free_gpu_memory_fraction: float = DEFAULT_FREE_GPU_MEMORY_FRACTION
     # KvCacheConfig(enable_block_reuse=...): prefix caching across requests.
-    enable_kv_block_reuse: bool = True
-    capacity_scheduler_policy: str = "guaranteed_no_evict"
+    enable_kv_block_reuse: bool = DEFAULT_KV_BLOCK_REUSE
+    capacity_scheduler_policy: str = DEFAULT_CAPACITY_SCHEDULER_POLICY
     # Where to read eos/pad ids (generation_config.json, config.json); default: engine dir.
     tokenizer_dir: Path | None = None
     eos_token_ids: tuple[int, ...] | None = None
@@ -105,6 +113,7 @@ class _Live:
     stop: frozenset[int]
     logprobs: bool
     max_new: int
+    tid: int = -1  # TensorRT-LLM's id, once enqueued
     generated: int = 0
     last_token: int = -1
 
@@ -158,19 +167,31 @@ class TrtllmEngine(Engine):
     ) -> None:
         super().__init__()
         s = settings or TrtllmSettings()
-        if s.capacity_scheduler_policy not in _POLICIES:
-            raise EngineError(
-                f"capacity scheduler policy {s.capacity_scheduler_policy!r}: use one of "
-                f"{', '.join(_POLICIES)}"
-            )
-        if not 0.0 < s.kv_cache_free_gpu_memory_fraction <= 1.0:
-            raise EngineError(
-                "--kv-cache-free-gpu-memory-fraction must be in (0, 1], got "
-                f"{s.kv_cache_free_gpu_memory_fraction}"
-            )
+        try:
+            # The same checks as the command line's (settings.py), for settings built in code.
+            for name in ("capacity_scheduler_policy", "kv_cache_free_gpu_memory_fraction"):
+                check_setting(name, getattr(s, name))
+        except SettingError as e:
+            raise EngineError(str(e)) from None
         self.config: TrtllmEngineConfig = load_engine_config(Path(engine_dir))
+        # Chunked context is on whenever the engine can run it: the executor turns it off
+        # (with a warning only) unless paged context FMHA is built in (executorImpl.cpp,
+        # checkOptionalParams), so asking for it on another engine would change nothing.
+        self.chunked_context = self.config.paged_context_fmha
+        if s.capacity_scheduler_policy == "max_utilization" and not self.chunked_context:
+            # executorImpl.cpp fetchNewRequests: a streaming request under a policy that may
+            # evict fails unless chunked context is on (or prompt + max_new - 1 fits the input
+            # limit). tensorgate always streams.
+            raise EngineError(
+                "--capacity-scheduler-policy max_utilization needs chunked context, and the "
+                f"engine in {engine_dir} was built without paged context FMHA "
+                "(build_config.plugin_config.use_paged_context_fmha), so TensorRT-LLM would fail "
+                "most streaming requests; use guaranteed_no_evict or rebuild with "
+                "--use_paged_context_fmha enable"
+            )
         self.limits: EngineLimits = self.config.limits(
-            LimitOverrides(s.max_batch_size, s.max_input_tokens, s.max_total_tokens)
+            LimitOverrides(s.max_batch_size, s.max_input_tokens, s.max_total_tokens),
+            chunked_context=self.chunked_context,
         )
         # TensorRT-LLM first: on a machine without it, that is the error worth reading.
         trtllm = import_bindings()
@@ -199,6 +220,8 @@ class TrtllmEngine(Engine):
         }[s.capacity_scheduler_policy]
         executor_config = trtllm.ExecutorConfig(
             max_beam_width=1,
+            # ExecutorConfig(enable_chunked_context=): executorConfig.cpp; see above.
+            enable_chunked_context=self.chunked_context,
             scheduler_config=trtllm.SchedulerConfig(capacity_scheduler_policy=policy),
             kv_cache_config=trtllm.KvCacheConfig(
                 enable_block_reuse=s.enable_kv_block_reuse,
@@ -231,16 +254,16 @@ class TrtllmEngine(Engine):
         # In MPI leader mode only rank 0 takes requests (can_enqueue_requests: executor.cpp).
         self.is_leader = bool(self._executor.can_enqueue_requests())
 
-        self._lock = threading.Lock()  # guards the maps, the counters and the stats snapshot
-        self._live: dict[int, _Live] = {}  # server id -> state
-        self._by_trt: dict[int, int] = {}  # TensorRT-LLM id -> server id
-        self._trt_of: dict[int, int] = {}  # server id -> TensorRT-LLM id
+        self._lock = threading.Lock()  # guards the live table, the counters and the stats
+        # Server id -> state, and TensorRT-LLM's id -> server id.
+        self.live: LiveRequests[_Live] = LiveRequests(self.counters)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._emit: Emit | None = None
         self._fatal: str | None = None
         self._kv = (0, 0, 0, 0)  # max, used, free blocks, tokens per block
         self._queued = 0
+        self._paused = 0
         self._engine_latency = False
         self._shut = False
         if self.is_leader:
@@ -305,26 +328,27 @@ class TrtllmEngine(Engine):
                 raise EngineError(f"the warm-up request did not finish in {WARMUP_TIMEOUT_S:.0f} s")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrtllmEngine:
-        if args.model_id is None:
+    def from_config(cls, config: EngineConfig) -> TrtllmEngine:
+        if config.model_dir is None:
             raise EngineError("the trtllm engine needs --model-id ENGINE_DIR")
-        # Flags the executor may not define yet are read with their defaults.
-        fraction = getattr(args, "kv_cache_free_gpu_memory_fraction", None)
-        reuse = getattr(args, "enable_kv_block_reuse", None)
-        tokenizer = getattr(args, "tokenizer_name", None)
+        s = config.settings
+        unread = ignored_settings(s, CHECKPOINT_ONLY)
+        if unread:
+            log.warning(
+                "%s only apply to a Hugging Face checkpoint (the LLM API); an engine directory "
+                "fixes them at build time: ignored",
+                ", ".join(unread),
+            )
         engine = cls(
-            Path(args.model_id),
+            config.model_dir,
             TrtllmSettings(
-                max_batch_size=args.max_batch_size,
-                max_input_tokens=args.max_input_tokens,
-                max_total_tokens=args.max_total_tokens,
-                kv_cache_free_gpu_memory_fraction=(
-                    DEFAULT_FREE_GPU_MEMORY_FRACTION if fraction is None else fraction
-                ),
-                enable_kv_block_reuse=True if reuse is None else bool(reuse),
-                capacity_scheduler_policy=getattr(args, "capacity_scheduler_policy", None)
-                or "guaranteed_no_evict",
-                tokenizer_dir=Path(tokenizer) if tokenizer else None,
+                max_batch_size=s.max_batch_size,
+                max_input_tokens=s.max_input_tokens,
+                max_total_tokens=s.max_total_tokens,
+                kv_cache_free_gpu_memory_fraction=s.kv_cache_free_gpu_memory_fraction,
+                enable_kv_block_reuse=s.enable_kv_block_reuse,
+                capacity_scheduler_policy=s.capacity_scheduler_policy,
+                tokenizer_dir=config.tokenizer_dir,
             ),
         )
         if not engine.is_leader:
@@ -362,7 +386,7 @@ class TrtllmEngine(Engine):
             limits=self.limits,
             # Known from the executor's KV cache stats once it has run an iteration.
             kv_capacity_tokens=max_blocks * per_block,
-            features=EngineFeatures(
+            features=claimed_features(
                 logprobs=True,  # OutputConfig(return_log_probs=True), Result.log_probs
                 top_n_tokens=False,  # the Result has no alternatives per position
                 seed=True,  # SamplingConfig(seed=...)
@@ -374,6 +398,9 @@ class TrtllmEngine(Engine):
                 presence_penalty=True,
                 stop_token_ids=True,  # Request(stop_words=[[id], ...])
                 guided_decoding=False,  # needs a GuidedDecodingConfig with the tokenizer
+                min_new_tokens=True,  # SamplingConfig(min_tokens=)
+                logit_bias=False,  # Request(embedding_bias=) takes a tensor: not wired
+                ignore_eos=True,  # end_id=-1
             ),
         )
 
@@ -387,7 +414,7 @@ class TrtllmEngine(Engine):
         ready: list[tuple[pb.GenerateRequest, _Live, object]] = []
         for r in requests:
             err = check_request(r, self.limits)
-            if err is None and r.id in self._live:
+            if err is None and r.id in self.live:
                 err = f"request id {r.id} is already in flight"
             live = req = None
             if err is None:
@@ -433,9 +460,8 @@ class TrtllmEngine(Engine):
                 add_finished(errors, r.id, pb.FINISH_REASON_ERROR, tid)
                 self.counters.requests_failed += 1
                 continue
-            self._live[r.id] = live
-            self._by_trt[tid] = r.id
-            self._trt_of[r.id] = tid
+            live.tid = tid
+            self.live.add(r.id, live, engine_id=tid)
 
     def _to_trtllm(self, r: pb.GenerateRequest) -> tuple[_Live, object]:
         t = self._t
@@ -454,6 +480,19 @@ class TrtllmEngine(Engine):
             kwargs["top_k"] = 1  # greedy
         if s.typical_p and s.typical_p < 1.0:
             raise ValueError("typical_p is not supported by TensorRT-LLM's SamplingConfig")
+        # Fields of the structured-output contract, when it has them: min_new_tokens is
+        # SamplingConfig(min_tokens=) (request.cpp); a grammar or a logit bias is refused here
+        # rather than run unenforced (the LLM API flavour, a checkpoint, does both).
+        fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
+        if "min_new_tokens" in fields and r.min_new_tokens:
+            kwargs["min_tokens"] = r.min_new_tokens
+        if "grammar" in fields and r.HasField("grammar"):
+            raise ValueError(
+                "a grammar is not supported on an engine directory; serve the Hugging Face "
+                "checkpoint with --guided-decoding-backend instead"
+            )
+        if "logit_bias" in fields and len(r.logit_bias):
+            raise ValueError("logit_bias is not supported on an engine directory")
         if s.repetition_penalty and s.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = s.repetition_penalty
         if s.frequency_penalty:
@@ -481,24 +520,19 @@ class TrtllmEngine(Engine):
             end_id=end_id,
             pad_id=self.pad_id if self.pad_id is not None else None,
             stop_words=[[w] for w in words] or None,
+            # Request(priority=) in [0, 1], default 0.5, higher first (request.cpp; the
+            # executor queues in priority order: executorImpl.cpp insertRequestInOrder).
+            priority=trtllm_priority(r.priority),
         )
         return live, req
 
     def cancel(self, request_ids: list[int]) -> None:
         batch = pb.IterationOutput()
         with self._lock:
-            for rid in request_ids:
-                if self._live.pop(rid, None) is None:
-                    continue  # unknown or already finished
-                tid = self._trt_of.pop(rid)
-                # Later responses for it (CANCELLED, or tokens already in flight) are dropped.
-                self._by_trt.pop(tid, None)
-                self.counters.requests_cancelled += 1
-                add_finished(batch, rid, pb.FINISH_REASON_CANCELLED)
-                try:
-                    self._executor.cancel_request(tid)  # executor.cpp
-                except Exception as e:
-                    log.warning("cancel_request(%s) failed: %s", tid, e)
+            # Later responses for these (CANCELLED, or tokens already in flight) are dropped:
+            # their TensorRT-LLM ids no longer map to a live request.
+            for _, live in self.live.cancel(request_ids, batch):
+                self._cancel_in_trtllm(live.tid)
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
@@ -538,48 +572,45 @@ class TrtllmEngine(Engine):
         with self._lock:
             c = self.counters
             for resp in responses:
-                rid = self._by_trt.get(resp.request_id)
+                rid = self.live.rid_of(resp.request_id)
                 if rid is None:
                     if resp.has_error():
                         log.warning(
                             "error for unknown request %s: %s", resp.request_id, resp.error_msg
                         )
                     continue  # cancelled, or not ours
-                live = self._live[rid]
+                live = self.live.get(rid)
+                assert live is not None
                 out = outs.get(rid)
                 if out is None:
                     out = outs[rid] = batch.outputs.add(request_id=rid)
                 if resp.has_error():
                     out.finish_reason = pb.FINISH_REASON_ERROR
                     out.error = resp.error_msg or "TensorRT-LLM reported an error"
-                    self._forget(rid, resp.request_id)
-                    c.requests_failed += 1
+                    self.live.finish(rid, pb.FINISH_REASON_ERROR)
                     continue
                 result = resp.result
                 new = list(result.output_token_ids[0]) if result.output_token_ids else []
-                out.token_ids.extend(new)
                 if live.logprobs and new:
-                    out.logprobs.extend(_tail_logprobs(result, len(new)))
+                    logprobs = _new_logprobs(result, live.generated, len(new))
+                    if len(logprobs) < len(new):
+                        self._fail_short_logprobs(out, live, len(logprobs), new)
+                        continue
+                    out.logprobs.extend(logprobs)
+                out.token_ids.extend(new)
                 if new:
                     live.last_token = new[-1]
                     live.generated += len(new)
                 c.tokens_generated += len(new)
                 if not result.is_final:
                     continue
-                reason, by_end_id = self._finish_reason(result, live)
-                if by_end_id and live.end_id >= 0 and live.last_token != live.end_id:
-                    # TensorRT-LLM does not return the end token; TGI and the other engines
-                    # include it, so it is added here.
-                    out.token_ids.append(live.end_id)
-                    if live.logprobs:
-                        out.logprobs.append(0.0)
-                    c.tokens_generated += 1
+                # An END_ID finish carries no end token: TensorRT-LLM does not return it, nor a
+                # log probability for it, and the engine reports only what TensorRT-LLM
+                # produced. The finish reason says eos; the router closes the stream on it.
+                reason, error = self._finish_reason(result, live)
                 out.finish_reason = reason
-                self._forget(rid, resp.request_id)
-                if reason == pb.FINISH_REASON_CANCELLED:
-                    c.requests_cancelled += 1
-                else:
-                    c.requests_finished += 1
+                out.error = error
+                self.live.finish(rid, reason)
         # A request whose responses carried nothing new (possible with an empty final result
         # that was dropped above) must not appear as an empty, unfinished output.
         for rid, out in list(outs.items()):
@@ -591,49 +622,65 @@ class TrtllmEngine(Engine):
             return kept
         return batch
 
-    def _finish_reason(self, result, live: _Live) -> tuple[int, bool]:
-        """Our finish reason, and whether TensorRT-LLM ended it on the request's end_id."""
+    def _fail_short_logprobs(
+        self, out: pb.RequestOutput, live: _Live, got: int, new: list[int]
+    ) -> None:
+        """Under the lock. The request asked for log probabilities and TensorRT-LLM returned
+        fewer than tokens: the request fails rather than carry values the engine never produced.
+        This response's tokens are dropped with them; TensorRT-LLM is told to stop."""
+        out.finish_reason = pb.FINISH_REASON_ERROR
+        out.error = (
+            f"TensorRT-LLM returned {got} log probabilities for {len(new)} token(s) of a request "
+            "that asked for them; the request is ended rather than report log probabilities "
+            "the engine did not produce"
+        )
+        self.live.finish(live.rid, pb.FINISH_REASON_ERROR)
+        self._cancel_in_trtllm(live.tid)
+
+    def _cancel_in_trtllm(self, tid: int) -> None:
+        try:
+            self._executor.cancel_request(tid)  # executor.cpp
+        except Exception as e:
+            log.warning("cancel_request(%s) failed: %s", tid, e)
+
+    def _finish_reason(self, result, live: _Live) -> tuple[int, str]:
+        """Our finish reason, and the error message of an error finish."""
         t = self._t
         # Result.finish_reasons (one per beam) and FinishReason: request.cpp.
         reasons = getattr(result, "finish_reasons", None)
         reason = reasons[0] if reasons else None
         if reason == t.FinishReason.END_ID:
-            return pb.FINISH_REASON_EOS_TOKEN, True
+            return pb.FINISH_REASON_EOS_TOKEN, ""
         if reason == t.FinishReason.CANCELLED:
-            return pb.FINISH_REASON_CANCELLED, False
+            return pb.FINISH_REASON_CANCELLED, ""
         if reason == t.FinishReason.LENGTH:
-            return pb.FINISH_REASON_LENGTH, False
+            return pb.FINISH_REASON_LENGTH, ""
         if reason == t.FinishReason.STOP_WORDS:
             # Our stop words are single tokens: the other eos ids and the stop ids.
             if live.last_token in live.stop:
-                return pb.FINISH_REASON_STOP_TOKEN, False
-            return pb.FINISH_REASON_EOS_TOKEN, False
+                return pb.FINISH_REASON_STOP_TOKEN, ""
+            return pb.FINISH_REASON_EOS_TOKEN, ""
         if reason == getattr(t.FinishReason, "TIMED_OUT", object()):
-            return pb.FINISH_REASON_LENGTH, False
+            # The contract has no timeout reason, and `length` would say the request got the
+            # tokens it asked for: it did not, so it is an error.
+            return (
+                pb.FINISH_REASON_ERROR,
+                f"TensorRT-LLM timed the request out (FinishReason.TIMED_OUT) after "
+                f"{live.generated} of {live.max_new} tokens",
+            )
         # Older bindings without finish_reasons (0.x before FinishReason existed): infer it.
         if live.last_token in live.stop:
-            return pb.FINISH_REASON_STOP_TOKEN, False
+            return pb.FINISH_REASON_STOP_TOKEN, ""
         if live.last_token in live.eos:
-            return pb.FINISH_REASON_EOS_TOKEN, False
+            return pb.FINISH_REASON_EOS_TOKEN, ""
         if live.generated < live.max_new and live.end_id >= 0:
-            return pb.FINISH_REASON_EOS_TOKEN, True  # ended early on the (unreturned) end id
-        return pb.FINISH_REASON_LENGTH, False
-
-    def _forget(self, rid: int, tid: int) -> None:
-        self._live.pop(rid, None)
-        self._trt_of.pop(rid, None)
-        self._by_trt.pop(tid, None)
+            return pb.FINISH_REASON_EOS_TOKEN, ""  # ended early on the (unreturned) end id
+        return pb.FINISH_REASON_LENGTH, ""
 
     def _fail_all(self, message: str) -> None:
-        with self._lock:
-            ids = list(self._live)
-            self._live.clear()
-            self._by_trt.clear()
-            self._trt_of.clear()
-            self.counters.requests_failed += len(ids)
         batch = pb.IterationOutput()
-        for rid in ids:
-            add_finished(batch, rid, pb.FINISH_REASON_ERROR, message)
+        with self._lock:
+            self.live.fail_all(message, batch)
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
@@ -659,8 +706,14 @@ class TrtllmEngine(Engine):
         if not stats:
             return
         last = stats[-1]
+        ifb = getattr(last, "inflight_batching_stats", None)
         with self._lock:
+            # IterationStats.num_queued_requests: the executor's queue, requests not yet
+            # scheduled once (executorImpl.cpp getCurrentIterationStats). Paused ones
+            # (evicted under max_utilization, InflightBatchingStats.num_paused_requests) are
+            # active requests waiting to resume: kept apart.
             self._queued = int(getattr(last, "num_queued_requests", 0) or 0)
+            self._paused = int(getattr(ifb, "num_paused_requests", 0) or 0) if ifb else 0
             kv = getattr(last, "kv_cache_stats", None)
             if kv is not None:
                 self._kv = (
@@ -677,7 +730,7 @@ class TrtllmEngine(Engine):
     def stats(self) -> pb.StatsResponse:
         self._refresh_stats()
         with self._lock:
-            live = len(self._live)
+            live = len(self.live)
             queued = min(self._queued, live)
             _, used, free, per_block = self._kv
             return self.counters.to_proto(
@@ -687,6 +740,16 @@ class TrtllmEngine(Engine):
                 blocks_free=free,
                 block_size=per_block or (self.config.tokens_per_block or 0),
             )
+
+    def scheduling(self) -> tuple[int, int, int]:
+        """(running, paused, queued) requests as of the last iteration stats. Stats carries
+        running + paused as active and queued apart; the contract has no paused field yet."""
+        self._refresh_stats()
+        with self._lock:
+            live = len(self.live)
+            queued = min(self._queued, live)
+            paused = min(self._paused, live - queued)
+            return live - queued - paused, paused, queued
 
     def shutdown(self) -> None:
         if self._shut:
@@ -702,14 +765,47 @@ class TrtllmEngine(Engine):
             log.warning("TensorRT-LLM executor shutdown failed: %s", e)
 
 
-def _tail_logprobs(result, n: int) -> list[float]:
-    """The log probabilities of the last n tokens. Result.log_probs is per beam; taking the
-    tail works whether a streamed result carries only the new ones or all so far."""
+def _new_logprobs(result, seen: int, n: int) -> list[float]:
+    """The log probabilities of a streamed result's n new tokens, the request having had
+    `seen` tokens before; fewer when the result carries fewer. Result.log_probs (per beam) is
+    cumulative in a streamed result: every token's so far, while output_token_ids holds only
+    the new ones (tensorrt_llm/executor/result.py `_handle_sequence` assigns
+    `output.logprobs = log_probs[beam]` and asserts its length equals all tokens so far)."""
     lps = getattr(result, "log_probs", None)
     if not lps:
-        return [float("nan")] * n
-    beam = list(lps[0])
-    tail = beam[-n:]
-    if len(tail) < n:
-        tail = [float("nan")] * (n - len(tail)) + tail
-    return tail
+        return []
+    return list(lps[0])[seen : seen + n]
+
+
+# Settings the trtllm engine reads only on a checkpoint (trtllm_llmapi.py), and only on an
+# engine directory (here).
+CHECKPOINT_ONLY = (
+    "max_num_tokens",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "kv_event_buffer_size",
+    "guided_decoding_backend",
+    "rl_hooks",
+)
+ENGINE_DIR_ONLY = ("capacity_scheduler_policy",)
+
+
+def ignored_settings(settings: ExecutorSettings, names: tuple[str, ...]) -> list[str]:
+    """The flags among `names` set away from their default."""
+    defaults = ExecutorSettings()
+    return [
+        "--" + n.replace("_", "-") for n in names if getattr(settings, n) != getattr(defaults, n)
+    ]
+
+
+def claimed_features(**claimed: bool) -> EngineFeatures:
+    """EngineFeatures with the claims this contract version has fields for (min_new_tokens,
+    logit_bias and ignore_eos arrive with the structured-output contract)."""
+    names = {f.name for f in dataclasses.fields(EngineFeatures)}
+    return EngineFeatures(**{k: v for k, v in claimed.items() if k in names})
+
+
+def trtllm_priority(priority: int) -> float:
+    """The contract's priority (an int, higher first, 0 by default) as TensorRT-LLM's (a
+    float in [0, 1], 0.5 by default): 0 -> 0.5, each step 0.01, clamped at the ends."""
+    return min(1.0, max(0.0, 0.5 + priority / 100.0))

@@ -37,11 +37,42 @@ Response semantics reproduced (from `docs/source/executor.md`, the examples in
   finish reason is CANCELLED; unknown ids are ignored;
 - a request that fails gets a Response with `has_error()` true and `error_msg` set, and no
   further responses; reading `result` of such a response raises, as in C++;
-- `enqueue_request(s)` raises for a request the engine cannot take (empty prompt, prompt longer
-  than build_config.max_input_len, after shutdown); prompt + max_tokens beyond max_seq_len is
-  clamped, as the real executor does with a warning;
+- where each error surfaces is where the C++ raises it (commit 036a60f7ff92 of
+  `cpp/tensorrt_llm/executor/executorImpl.cpp` unless said otherwise):
+  * the constructors: `Request` with no input tokens or `max_tokens < 1`
+    (`cpp/tensorrt_llm/executor/requestImpl.h`, `Request::Impl::validate`: TLLM_CHECK
+    `!mInputTokenIds.empty()`, `mMaxNewTokens > 0`); `SamplingConfig` with `top_p` outside
+    (0, 1], negative `top_k`, `repetition_penalty <= 0` (`cpp/tensorrt_llm/executor/
+    samplingConfig.cpp`, checkTopP / checkTopK / checkRepetitionPenalty);
+  * `enqueue_request(s)` raises only after `shutdown()` ("Shutdown called, cannot enqueue
+    requests") or on a rank that is not the leader (`checkParallelApiUsage`); it does NOT
+    validate the request against the engine;
+  * the request's first response instead carries the error (`fetchNewRequests`: "Encountered
+    an error when fetching new request: ..."), for a prompt longer than the executor's max
+    input length or an `end_id` outside [-1, vocab size) (`LlmRequest::validate`,
+    `cpp/tensorrt_llm/batch_manager/llmRequest.cpp`), and for a streaming request under a
+    policy other than GUARANTEED_NO_EVICT without chunked context whose prompt + max_tokens
+    - 1 exceeds the max input length (`fetchNewRequests`); prompt + max_tokens beyond
+    max_seq_len is clamped (`LlmRequest::validate`, with a warning);
+  * the executor's max input length is `max_seq_len - 1` with chunked context,
+    `min(max_seq_len - 1, max_num_tokens)` with context FMHA and packed input, else
+    `build_config.max_input_len` (`cpp/tensorrt_llm/batch_manager/
+    trtGptModelInflightBatching.cpp`, constructor); chunked context stays off unless the engine
+    has paged context FMHA (`checkOptionalParams`);
+  * after `shutdown()`, `await_responses`, `cancel_request`, `get_num_responses_ready` and
+    `get_latest_iteration_stats` raise ("Shutdown called"); `can_enqueue_requests()` is False;
+    a second `shutdown()` returns at once (`Executor::Impl::shutdown`);
+  * on a non-leader rank (`TEST_DOUBLE.can_enqueue = False`) every one of those calls raises
+    (`checkParallelApiUsage`: "Check that the current process is the leader or
+    orchestrator", executorImpl.h) and `can_enqueue_requests()` is False (`canEnqueueRequests`);
+- `Result.log_probs[beam]` of a streamed result is cumulative, all tokens' so far, while
+  `output_token_ids[beam]` holds the new tokens (`tensorrt_llm/executor/result.py`,
+  `_handle_sequence`: `output.logprobs = response_tensors.log_probs[src_idx]`, then
+  `assert len(output.logprobs) == output.length`);
+- requests wait in priority order, higher first, FIFO within one (`insertRequestInOrder`);
 - `get_latest_iteration_stats()` returns (and drains) the IterationStats recorded since the
-  last call.
+  last call; `num_queued_requests` counts the requests not yet scheduled
+  (`getCurrentIterationStats`).
 
 What the double does NOT reproduce: any real model (tokens come from a deterministic function
 of the prompt and the step), TensorRT, CUDA, MPI ranks, beam search, logits, speculative
@@ -81,6 +112,12 @@ class DoubleSettings:
     # first input token -> step at which the request fails with an error response
     fail_at: dict[int, int] = field(default_factory=dict)
     fail_message: str = "test double: simulated failure in the executor"
+    # first input token -> step at which the request ends with FinishReason.TIMED_OUT, as the
+    # real executor ends a request whose `allotted_time_ms` has passed
+    time_out_at: dict[int, int] = field(default_factory=dict)
+    # first input token -> how many log probabilities each of its results leaves out (a result
+    # whose log_probs are shorter than its tokens)
+    short_log_probs: dict[int, int] = field(default_factory=dict)
     kv_blocks: int = 512
     can_enqueue: bool = True
     # Every Executor built and every Request enqueued, for assertions.
@@ -91,6 +128,8 @@ class DoubleSettings:
     # Results without `finish_reasons`, as in the early 0.x bindings (Result had only
     # is_final, output_token_ids, log probs and logits).
     legacy_results: bool = False
+    # Reported as InflightBatchingStats.num_paused_requests (the double evicts nothing).
+    paused_requests: int = 0
 
 
 TEST_DOUBLE = DoubleSettings()
@@ -325,8 +364,8 @@ class SamplingConfig:
             raise RuntimeError("beamWidth must be at least 1")
         if top_k is not None and top_k < 0:
             raise RuntimeError("topK must be non-negative")
-        if top_p is not None and not 0.0 <= top_p <= 1.0:
-            raise RuntimeError("topP must be in [0, 1]")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: topP.value() > 0.f")
         if temperature is not None and temperature < 0.0:
             raise RuntimeError("temperature must be non-negative")
         if repetition_penalty is not None and repetition_penalty <= 0.0:
@@ -422,6 +461,11 @@ class Request:
         # nanobind converts to std::vector<int32>: a non-integer element is a TypeError.
         self.input_token_ids = [_int32("input_token_ids", t) for t in input_token_ids]
         self.max_tokens = _int32("max_tokens", max_tokens)
+        # Request::Impl::validate (requestImpl.h), run by the constructor.
+        if not self.input_token_ids:
+            raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: !mInputTokenIds.empty()")
+        if self.max_tokens <= 0:
+            raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: mMaxNewTokens > 0")
         self.streaming = bool(streaming)
         self.sampling_config = sampling_config or SamplingConfig()
         self.output_config = output_config or OutputConfig()
@@ -572,8 +616,22 @@ class Executor:
         self.config = executor_config
         self.model_path = engine_dir
         self.vocab_size = int(pretrained["vocab_size"])
-        self.max_input_len = int(build["max_input_len"])
         self.max_seq_len = int(build["max_seq_len"])
+        plugin = build.get("plugin_config") or {}
+        # checkOptionalParams: chunked context needs paged context FMHA, else it is turned off.
+        self.chunked_context = bool(
+            executor_config.enable_chunked_context and plugin.get("use_paged_context_fmha")
+        )
+        # trtGptModelInflightBatching.cpp (constructor): the executor's max input length.
+        max_num_tokens = int(executor_config.max_num_tokens or build["max_num_tokens"])
+        if self.chunked_context:
+            self.max_input_len = self.max_seq_len - 1
+        elif plugin.get("context_fmha", True) and plugin.get("remove_input_padding", True):
+            self.max_input_len = min(self.max_seq_len - 1, max_num_tokens)
+        else:
+            self.max_input_len = int(build["max_input_len"])
+        policy = executor_config.scheduler_config.capacity_scheduler_policy
+        self.guaranteed_no_evict = policy == CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
         self.max_batch_size = int(executor_config.max_batch_size or build["max_batch_size"])
         self.tokens_per_block = int(
             (build.get("plugin_config") or {}).get("tokens_per_block") or 32
@@ -590,6 +648,7 @@ class Executor:
         )
         self._iter = 0
         self._stopped = False
+        self._shutdown_called = False
         self.shutdown_called = False
         self._thread = threading.Thread(target=self._loop, name="trtllm-double", daemon=True)
         self._thread.start()
@@ -598,45 +657,68 @@ class Executor:
     # -- the real API -----------------------------------------------------------------------
 
     def can_enqueue_requests(self) -> bool:
-        return TEST_DOUBLE.can_enqueue
+        # canEnqueueRequests: not shut down, and the leader (leader mode).
+        return TEST_DOUBLE.can_enqueue and not self._shutdown_called
+
+    def _check_usable(self, what: str) -> None:
+        # TLLM_CHECK_WITH_INFO(!mShutdownCalled, ...) then checkParallelApiUsage(__func__).
+        if self._shutdown_called:
+            raise RuntimeError(f"[TensorRT-LLM][ERROR] Assertion failed: {what}")
+        if not TEST_DOUBLE.can_enqueue:
+            raise RuntimeError(
+                "[TensorRT-LLM][ERROR] the current process is not the leader or orchestrator"
+            )
 
     def enqueue_request(self, request: Request) -> int:
         return self.enqueue_requests([request])[0]
 
     def enqueue_requests(self, requests: list[Request]) -> list[int]:
-        if not isinstance(requests, list):
+        if not isinstance(requests, list) or not all(isinstance(r, Request) for r in requests):
             raise TypeError("requests must be a list of Request")
+        self._check_usable("Shutdown called, cannot enqueue requests")
         with self._lock:
-            if self._stopped:
-                raise RuntimeError("[TensorRT-LLM][ERROR] the executor has been shut down")
-            # Validate all first: the real call throws before enqueueing any of a bad batch.
-            for r in requests:
-                if not isinstance(r, Request):
-                    raise TypeError("requests must be a list of Request")
-                n = len(r.input_token_ids)
-                if n == 0:
-                    raise RuntimeError("[TensorRT-LLM][ERROR] input token ids are empty")
-                if n > self.max_input_len:
-                    raise RuntimeError(
-                        f"[TensorRT-LLM][ERROR] the prompt length ({n}) exceeds the maximum "
-                        f"input length ({self.max_input_len})"
-                    )
-                if r.max_tokens < 1:
-                    raise RuntimeError("[TensorRT-LLM][ERROR] max_tokens must be positive")
-                if r.sampling_config.beam_width > self.config.max_beam_width:
-                    raise RuntimeError("[TensorRT-LLM][ERROR] beam width exceeds max beam width")
             ids = []
             for r in requests:
                 rid = next(self._ids)
                 live = _Live(rid, r)
-                self._waiting.append(live)
+                # insertRequestInOrder: after every waiting request of the same or higher
+                # priority.
+                at = len(self._waiting)
+                for i, w in enumerate(self._waiting):
+                    if w.request.priority < r.priority:
+                        at = i
+                        break
+                self._waiting.insert(at, live)
                 self._all[rid] = live
                 ids.append(rid)
                 TEST_DOUBLE.requests.append(r)
             self._lock.notify_all()
             return ids
 
+    def _fetch_error(self, r: Request) -> str | None:
+        """fetchNewRequests / LlmRequest::validate: what fails a request as it is scheduled."""
+        n = len(r.input_token_ids)
+        if r.end_id is not None and not -1 <= r.end_id < self.vocab_size:
+            why = f"EndId ({r.end_id}) is not within acceptable range [-1, {self.vocab_size})."
+        elif n > self.max_input_len:
+            why = f"Prompt length ({n}) exceeds maximum input length ({self.max_input_len})."
+        elif (
+            r.streaming
+            and not self.guaranteed_no_evict
+            and not self.chunked_context
+            and n + r.max_tokens - 1 > self.max_input_len
+        ):
+            why = (
+                "Request sequence length is potentially greater than max input length. This "
+                "cannot be run unless streaming is disabled, context chunking is enabled or the "
+                "GUARANTEED_NO_EVICT scheduling policy is used"
+            )
+        else:
+            return None
+        return f"Encountered an error when fetching new request: [TensorRT-LLM][ERROR] {why}"
+
     def cancel_request(self, id: int) -> None:  # the real keyword is `id`
+        self._check_usable("Shutdown called")
         with self._lock:
             live = self._all.get(id)
             if live is not None:
@@ -644,6 +726,7 @@ class Executor:
                 self._lock.notify_all()
 
     def get_num_responses_ready(self, id: int | None = None) -> int:
+        self._check_usable("Shutdown called")
         with self._lock:
             if id is None:
                 return len(self._ready)
@@ -652,6 +735,7 @@ class Executor:
     def await_responses(self, *args, **kwargs) -> list[Response]:
         """The three real overloads: (timeout=None), (id, timeout=None), (ids, timeout=None)."""
         target, timeout = _await_args(args, kwargs)
+        self._check_usable("Shutdown called")
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
         with self._lock:
             while True:
@@ -664,6 +748,7 @@ class Executor:
                 self._lock.wait(remaining)
 
     def get_latest_iteration_stats(self) -> list[IterationStats]:
+        self._check_usable("Shutdown called")
         with self._lock:
             out = list(self._stats)
             self._stats.clear()
@@ -673,6 +758,9 @@ class Executor:
         return []
 
     def shutdown(self) -> None:
+        if self._shutdown_called:  # "Cannot call shutdown multiple times": returns
+            return
+        self._shutdown_called = True
         self.shutdown_called = True
         self._stop_thread()
 
@@ -735,6 +823,11 @@ class Executor:
             if self._used_blocks() + need > self.max_num_blocks:
                 break
             self._waiting.popleft()
+            error = self._fetch_error(r)
+            if error is not None:
+                self._all.pop(live.rid, None)
+                self._ready.append(Response(live.rid, error, r.client_id))
+                continue
             live.blocks = need
             self._active[live.rid] = live
         self._iter += 1
@@ -749,6 +842,10 @@ class Executor:
             del self._active[live.rid]
             self._all.pop(live.rid, None)
             self._ready.append(Response(live.rid, TEST_DOUBLE.fail_message, r.client_id))
+            return
+        time_out_step = TEST_DOUBLE.time_out_at.get(r.input_token_ids[0])
+        if time_out_step is not None and step >= time_out_step:
+            self._finish(live, FinishReason.TIMED_OUT, [])
             return
         token = self._token(r, step)
         # max_tokens is clamped to what the sequence length leaves (the real executor warns).
@@ -792,7 +889,10 @@ class Executor:
             del res.finish_reasons
         res.decoding_iter = self._iter
         if live.request.output_config.return_log_probs:
-            res.log_probs = [[-0.25 - 0.01 * (i % 7) for i, _ in enumerate(tokens)]]
+            # Cumulative: one per token generated so far (result.py, see the docstring).
+            left_out = TEST_DOUBLE.short_log_probs.get(live.request.input_token_ids[0], 0)
+            kept = max(len(live.generated) - left_out, 0)
+            res.log_probs = [[_logprob(i) for i in range(kept)]]
             res.cum_log_probs = [sum(res.log_probs[0])]
         self._ready.append(Response(live.rid, res, live.request.client_id))
 
@@ -813,11 +913,17 @@ class Executor:
         ifb = InflightBatchingStats()
         ifb.num_scheduled_requests = len(self._active)
         ifb.num_gen_requests = len(self._active)
+        ifb.num_paused_requests = TEST_DOUBLE.paused_requests
         s.inflight_batching_stats = ifb
         self._stats.append(s)
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _logprob(position: int) -> float:
+    """The double's log probability of the token at a position (no model: a fixed pattern)."""
+    return -0.25 - 0.01 * (position % 7)
 
 
 def _check_enum(name: str, value: object, kind: type[enum.Enum]) -> None:

@@ -1,0 +1,1 @@
+"""!!! TEST DOUBLE — NOT TensorRT-LLM !!! (see executor/result.py)."""

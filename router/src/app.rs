@@ -1,0 +1,318 @@
+//! Startup: parse the configuration, load the tokenizer and template, connect to the
+//! executor, wire the scheduler and the HTTP app, serve until drained.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{self, Config};
+use crate::errors::StartupError;
+use crate::executors::client::ExecutorHandle;
+use crate::executors::scheduler;
+use crate::generation::{chat_template, guided, infer, tokenizer, validation};
+use crate::http::{self, tgi::schemas};
+use crate::{lifecycle, metrics, pb};
+
+/// Runs the router to completion and returns the process exit code.
+/// `argv[0]` is the program name, as in `std::env::args`.
+pub fn run_main(argv: Vec<String>) -> i32 {
+    let config = match Config::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    init_tracing(config.json_output);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tensorgate-router: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tensorgate-router: {e}");
+            1
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+async fn run(config: Config) -> Result<(), StartupError> {
+    // First: everything after it (the executor client included) records metrics.
+    let metrics_handle = metrics::install().map_err(StartupError::Metrics)?;
+    {
+        // install_recorder leaves upkeep to us: without it, histogram samples pile up between
+        // scrapes (one per token for ITL), and an unscraped router grows without bound.
+        let handle = metrics_handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
+    let tokenizer =
+        tokenizer::TextTokenizer::load(&config.tokenizer).map_err(StartupError::Tokenizer)?;
+    let template_dir = if config.tokenizer.is_dir() {
+        config.tokenizer.clone()
+    } else {
+        config
+            .tokenizer
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default()
+    };
+    let chat_template = chat_template::ChatTemplate::load(&template_dir)
+        .map_err(StartupError::Template)?
+        .map(|t| t.with_tool_call_parser(config.tool_call_parser));
+    if let Some(t) = &chat_template {
+        tracing::info!(tool_call_parser = t.tool_call_format().name(), "tool calls");
+    }
+    if config.prompt_format == config::PromptFormat::Chat && chat_template.is_none() {
+        return Err(StartupError::Config(format!(
+            "--prompt-format chat needs a chat template, and {} has none",
+            template_dir.display()
+        )));
+    }
+    let executor = ExecutorHandle::spawn(config.executor_socket.clone());
+    let info = fetch_info(&executor, Duration::from_secs(120)).await?;
+
+    let limits = info.limits.unwrap_or_default();
+    let max_total_tokens = lower(limits.max_total_tokens, config.max_total_tokens);
+    let max_input_tokens = lower(limits.max_input_tokens, config.max_input_tokens)
+        .min(max_total_tokens.saturating_sub(1));
+    if max_input_tokens == 0 {
+        return Err(StartupError::Executor(format!(
+            "the executor reports max_total_tokens={max_total_tokens}: no room for a prompt"
+        )));
+    }
+    let limits = validation::Limits {
+        max_input_tokens,
+        max_total_tokens,
+        max_top_n_tokens: limits.max_top_n_tokens,
+        max_stop_sequences: config.max_stop_sequences,
+        max_stop_sequence_bytes: config.max_stop_sequence_bytes,
+        vocab_size: info.vocab_size,
+        features: info.features.unwrap_or_default(),
+    };
+    let public_info = schemas::Info {
+        model_id: config.model_id.clone().unwrap_or(info.model_id.clone()),
+        engine: info.engine.clone(),
+        model_dtype: info.dtype.clone(),
+        model_device_type: info.device.clone(),
+        max_concurrent_requests: config.max_concurrent_requests,
+        max_best_of: 1,
+        max_stop_sequences: config.max_stop_sequences,
+        max_input_tokens,
+        max_total_tokens,
+        max_batch_size: info.limits.map(|l| l.max_batch_size).unwrap_or(0),
+        max_top_n_tokens: limits.max_top_n_tokens,
+        kv_capacity_tokens: info.kv_capacity_tokens,
+        prompt_format: config.prompt_format,
+        router: env!("CARGO_PKG_NAME"),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let token_budget = token_budget(config.max_batch_total_tokens, info.kv_capacity_tokens)?;
+    let scheduler = scheduler::Scheduler::spawn(
+        executor.clone(),
+        scheduler::SchedulerConfig {
+            token_budget,
+            max_batch_size: public_info.max_batch_size as usize,
+            max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
+        },
+    );
+    spawn_stats_poller(
+        executor.clone(),
+        Duration::from_millis(config.stats_interval_ms.max(50)),
+    );
+    let grammar = if limits.features.guided_decoding {
+        Some(grammar_compiler(&config.tokenizer, &info)?)
+    } else {
+        None
+    };
+    let infer = infer::Infer::new(
+        executor,
+        scheduler,
+        tokenizer,
+        chat_template,
+        config.prompt_format == config::PromptFormat::Chat,
+        limits,
+        config.max_concurrent_requests,
+    );
+    let infer = Arc::new(match grammar {
+        Some(g) => infer.with_grammar(g),
+        None => infer,
+    });
+    let lifecycle = lifecycle::Lifecycle::default();
+    let state = http::AppState {
+        infer: infer.clone(),
+        info: Arc::new(public_info),
+        metrics: metrics_handle,
+        lifecycle: lifecycle.clone(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let app = http::router(
+        state,
+        &http::HttpOptions {
+            payload_limit: config.payload_limit,
+            api_key: config.api_key.clone(),
+            cors_allow_origins: config.cors_allow_origins.clone(),
+        },
+    )?;
+    let addr = std::net::SocketAddr::new(config.hostname, config.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    tracing::info!(%addr, engine = %info.engine, model = %info.model_id, max_input_tokens, max_total_tokens, token_budget, "serving");
+    let timeout = Duration::from_secs(config.shutdown_timeout);
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let drain = {
+        let drained = drained.clone();
+        async move {
+            lifecycle::drain_on_signal(lifecycle, infer, timeout).await;
+            drained.notify_one();
+        }
+    };
+    // Token streams are many small writes: without TCP_NODELAY, Nagle's algorithm and the
+    // client's delayed ACK hold the first event of a request on a reused connection ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let serve = axum::serve(listener, app).with_graceful_shutdown(drain);
+    tokio::select! {
+        r = serve => r.map_err(StartupError::Serve),
+        // Connections still open after the drain (idle keep-alives, a stream past the
+        // timeout) get a moment, then the process ends regardless.
+        _ = async {
+            drained.notified().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } => Ok(()),
+    }
+}
+
+/// Reads the executor's Stats into the metrics (KV usage, batch size).
+fn spawn_stats_poller(executor: ExecutorHandle, every: Duration) {
+    tokio::spawn(async move {
+        let mut client = None;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if client.is_none() {
+                client = executor.client().await.ok();
+            }
+            let Some(c) = client.as_mut() else { continue };
+            match c.stats(pb::StatsRequest {}).await {
+                Ok(r) => metrics::set_executor_stats(&r.into_inner()),
+                Err(_) => client = None,
+            }
+        }
+    });
+}
+
+fn lower(executor: u32, flag: Option<u32>) -> u32 {
+    flag.map_or(executor, |f| f.min(executor))
+}
+
+/// The grammar compiler of the served tokenizer (llguidance reads tokenizer.json itself).
+fn grammar_compiler(
+    tokenizer: &std::path::Path,
+    info: &pb::InfoResponse,
+) -> Result<guided::GrammarCompiler, StartupError> {
+    let file = if tokenizer.is_dir() {
+        tokenizer.join("tokenizer.json")
+    } else {
+        tokenizer.to_path_buf()
+    };
+    let json: serde_json::Value = std::fs::read(&file)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| StartupError::Tokenizer(format!("{}: {e}", file.display())))?;
+    let eos = info.eos_token_ids.first().copied().unwrap_or(0);
+    guided::GrammarCompiler::from_tokenizer_json(&json, eos).map_err(StartupError::Tokenizer)
+}
+
+/// The token budget of admission: the flag, or the engine's KV capacity. An engine that
+/// reports none leaves no budget to enforce, and the router will not run without one.
+fn token_budget(flag: Option<u64>, kv_capacity_tokens: u64) -> Result<u64, StartupError> {
+    match (flag, kv_capacity_tokens) {
+        (Some(0), _) => Err(StartupError::Config(
+            "--max-batch-total-tokens must be at least 1".into(),
+        )),
+        (Some(budget), _) => Ok(budget),
+        (None, 0) => Err(StartupError::Executor(
+            "the executor reports no KV cache capacity (kv_capacity_tokens = 0), so admission \
+             control has no token budget: pass --max-batch-total-tokens"
+                .into(),
+        )),
+        (None, capacity) => Ok(capacity),
+    }
+}
+
+async fn fetch_info(
+    executor: &ExecutorHandle,
+    wait: Duration,
+) -> Result<pb::InfoResponse, StartupError> {
+    let start = Instant::now();
+    loop {
+        let attempt = async {
+            let mut client = executor.client().await.map_err(|e| e.to_string())?;
+            client
+                .info(pb::InfoRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.message().to_string())
+        };
+        match attempt.await {
+            Ok(info) => return Ok(info),
+            Err(e) if start.elapsed() > wait => {
+                return Err(StartupError::Executor(format!(
+                    "executor did not answer Info within {wait:?}: {e}"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_kv_capacity_needs_the_flag() {
+        let e = token_budget(None, 0).expect_err("no budget");
+        assert!(e.to_string().contains("--max-batch-total-tokens"), "{e}");
+        assert_eq!(token_budget(Some(4096), 0).ok(), Some(4096));
+        assert_eq!(token_budget(None, 8192).ok(), Some(8192));
+        assert_eq!(token_budget(Some(100), 8192).ok(), Some(100));
+        assert!(token_budget(Some(0), 8192).is_err());
+    }
+}

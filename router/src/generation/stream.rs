@@ -1,0 +1,539 @@
+//! The events of one generation: token ids from the executor become text incrementally,
+//! stop sequences end it, and the last event says how it finished. Every route (TGI and
+//! OpenAI, streaming or not) reads generations through this one type.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use crate::errors::RouterError;
+use crate::executors::client::{ExecutorEvent, RequestGuard};
+use crate::executors::scheduler::Reservation;
+use crate::generation::detokenizer::IncrementalDecoder;
+use crate::generation::stop::StopSequences;
+use crate::generation::tokenizer::TextTokenizer;
+use crate::metrics as m;
+use crate::pb;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Length,
+    EosToken,
+    StopSequence,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub logprob: Option<f32>,
+    pub special: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndInfo {
+    pub finish_reason: FinishReason,
+    /// Generated text without special tokens, stop sequence included (as TGI answers).
+    pub generated_text: String,
+    /// Where the stop sequence begins in `generated_text` (OpenAI answers end before it).
+    pub stop_at: Option<usize>,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub input_length: u32,
+}
+
+impl EndInfo {
+    /// The answer as OpenAI routes give it: without the stop sequence and what followed.
+    pub fn text_before_stop(&self) -> &str {
+        &self.generated_text[..self.stop_at.unwrap_or(self.generated_text.len())]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    pub index: u32,
+    /// None only on a closing event: the engine reported the finish after its last token,
+    /// and nothing is invented to carry it.
+    pub token: Option<Token>,
+    pub top_tokens: Vec<Token>,
+    /// Set on the last event of the generation.
+    pub end: Option<EndInfo>,
+}
+
+/// What a generation holds while it runs; dropped with it, in this order.
+pub(crate) struct Held {
+    pub guard: RequestGuard,
+    pub reservation: Reservation,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Keeps the in-flight gauge right however a request ends.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        m::in_flight_inc();
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        m::in_flight_dec();
+    }
+}
+
+/// Fixed facts of one generation, given at its start.
+pub(crate) struct StreamSetup {
+    pub input_ids: Vec<u32>,
+    pub max_new_tokens: u32,
+    pub stop_sequences: Vec<String>,
+    pub seed: Option<u64>,
+}
+
+/// The events of one generation. Dropping it before the end cancels the request.
+pub struct GenerationStream {
+    rx: mpsc::UnboundedReceiver<ExecutorEvent>,
+    guard: Option<RequestGuard>,
+    // Fields drop in order: the executor cancel (guard) goes out before the budget is freed.
+    // (None only in tests, which drive a stream without an executor.)
+    _reservation: Option<Reservation>,
+    _permit: Option<OwnedSemaphorePermit>,
+    _in_flight: InFlight,
+    started: Instant,
+    last_token: Option<Instant>,
+    recorded_end: bool,
+    tokenizer: TextTokenizer,
+    decoder: IncrementalDecoder,
+    stops: StopSequences,
+    text: String,
+    generated: u32,
+    max_new_tokens: u32,
+    last_id: Option<u32>,
+    seed: Option<u64>,
+    input_length: u32,
+    queue: VecDeque<TokenEvent>,
+    done: bool,
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        // Dropped before its end: the client left (or the handler gave up).
+        self.record_end("cancelled");
+    }
+}
+
+impl GenerationStream {
+    pub(crate) fn new(
+        rx: mpsc::UnboundedReceiver<ExecutorEvent>,
+        held: Held,
+        tokenizer: TextTokenizer,
+        setup: StreamSetup,
+    ) -> Self {
+        Self::with(rx, Some(held), tokenizer, setup)
+    }
+
+    fn with(
+        rx: mpsc::UnboundedReceiver<ExecutorEvent>,
+        held: Option<Held>,
+        tokenizer: TextTokenizer,
+        setup: StreamSetup,
+    ) -> Self {
+        let (guard, reservation, permit) = match held {
+            Some(h) => (Some(h.guard), Some(h.reservation), Some(h.permit)),
+            None => (None, None, None),
+        };
+        Self {
+            rx,
+            guard,
+            _reservation: reservation,
+            _permit: permit,
+            _in_flight: InFlight::new(),
+            started: Instant::now(),
+            last_token: None,
+            recorded_end: false,
+            decoder: IncrementalDecoder::new(&setup.input_ids),
+            tokenizer,
+            stops: StopSequences::new(setup.stop_sequences),
+            text: String::new(),
+            generated: 0,
+            max_new_tokens: setup.max_new_tokens,
+            last_id: None,
+            seed: setup.seed,
+            input_length: setup.input_ids.len() as u32,
+            queue: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// Next event; `None` after the last one. An error ends the stream.
+    pub async fn next(&mut self) -> Option<Result<TokenEvent, RouterError>> {
+        loop {
+            if let Some(ev) = self.queue.pop_front() {
+                return Some(Ok(ev));
+            }
+            if self.done {
+                return None;
+            }
+            match self.rx.recv().await {
+                Some(ExecutorEvent::Output(out)) => {
+                    if let Err(e) = self.absorb(out) {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+                Some(ExecutorEvent::Disconnected(reason)) => {
+                    self.finish_guard();
+                    self.record_end("error");
+                    self.done = true;
+                    return Some(Err(RouterError::Unavailable(reason)));
+                }
+                None => {
+                    self.done = true;
+                    return Some(Err(RouterError::Unavailable(
+                        "the executor connection closed".into(),
+                    )));
+                }
+            }
+        }
+    }
+
+    fn finish_guard(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            g.finish();
+        }
+    }
+
+    fn record_end(&mut self, reason: &'static str) {
+        if !self.recorded_end {
+            self.recorded_end = true;
+            m::record_generation_end(
+                reason,
+                self.input_length,
+                self.generated,
+                self.started.elapsed(),
+            );
+        }
+    }
+
+    fn end_info(&mut self, finish_reason: FinishReason, stop_at: Option<usize>) -> EndInfo {
+        self.record_end(match finish_reason {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
+        });
+        self.done = true;
+        let mut generated_text = self.text.clone();
+        if finish_reason != FinishReason::StopSequence {
+            generated_text.push_str(&self.decoder.flush(self.tokenizer.tokenizer()));
+        }
+        EndInfo {
+            finish_reason,
+            generated_text,
+            stop_at,
+            generated_tokens: self.generated,
+            seed: self.seed,
+            input_length: self.input_length,
+        }
+    }
+
+    fn record_timing(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now();
+        match self.last_token {
+            None => m::record_first_token(now.saturating_duration_since(self.started)),
+            Some(prev) => {
+                // Tokens that came in one message share its interval.
+                let per = now.saturating_duration_since(prev) / n as u32;
+                for _ in 0..n {
+                    m::record_inter_token(per);
+                }
+            }
+        }
+        self.last_token = Some(now);
+    }
+
+    fn absorb(&mut self, out: pb::RequestOutput) -> Result<(), RouterError> {
+        let n = out.token_ids.len();
+        self.record_timing(n);
+        for (i, &id) in out.token_ids.iter().enumerate() {
+            let text = self.decoder.push(self.tokenizer.tokenizer(), id);
+            let special = self.tokenizer.is_special(id);
+            if !special {
+                self.text.push_str(&text);
+            }
+            self.generated += 1;
+            self.last_id = Some(id);
+            let top_tokens = out
+                .top_tokens
+                .get(i)
+                .map(|t| self.top_tokens(t))
+                .unwrap_or_default();
+            let mut event = TokenEvent {
+                index: self.generated - 1,
+                token: Some(Token {
+                    id,
+                    text,
+                    logprob: out.logprobs.get(i).copied(),
+                    special,
+                }),
+                top_tokens,
+                end: None,
+            };
+            if let Some(at) = self.stops.scan(&self.text) {
+                // Dropping the guard cancels the rest of the generation in the executor.
+                self.guard = None;
+                event.end = Some(self.end_info(FinishReason::StopSequence, Some(at)));
+                self.queue.push_back(event);
+                return Ok(());
+            }
+            if i + 1 == n {
+                event.end = self.natural_end(out.finish_reason, &out.error)?;
+                if event.end.is_none() && self.generated >= self.max_new_tokens {
+                    // The budget is spent, so this token is the last whatever the engine's
+                    // finish says later: the end rides on it rather than on a closing event.
+                    self.finish_guard();
+                    event.end = Some(self.end_info(FinishReason::Length, None));
+                }
+            }
+            self.queue.push_back(event);
+        }
+        if n == 0 {
+            if let Some(end) = self.natural_end(out.finish_reason, &out.error)? {
+                // A finish after the last token: a closing event with no token of its own.
+                self.queue.push_back(TokenEvent {
+                    index: self.generated.saturating_sub(1),
+                    token: None,
+                    top_tokens: vec![],
+                    end: Some(end),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn natural_end(&mut self, reason: i32, error: &str) -> Result<Option<EndInfo>, RouterError> {
+        let reason = pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Error);
+        let finish = match reason {
+            pb::FinishReason::Unspecified => return Ok(None),
+            pb::FinishReason::Length => FinishReason::Length,
+            pb::FinishReason::EosToken | pb::FinishReason::StopToken => FinishReason::EosToken,
+            pb::FinishReason::Cancelled => {
+                self.finish_guard();
+                self.record_end("cancelled");
+                return Err(RouterError::Generation(
+                    "the executor cancelled the request".into(),
+                ));
+            }
+            pb::FinishReason::Error => {
+                self.finish_guard();
+                self.record_end("error");
+                return Err(RouterError::Generation(if error.is_empty() {
+                    "the engine failed without a message".into()
+                } else {
+                    error.to_string()
+                }));
+            }
+        };
+        self.finish_guard();
+        Ok(Some(self.end_info(finish, None)))
+    }
+
+    fn top_tokens(&self, t: &pb::TopTokens) -> Vec<Token> {
+        t.ids
+            .iter()
+            .zip(&t.logprobs)
+            .map(|(&id, &lp)| Token {
+                id,
+                text: self
+                    .tokenizer
+                    .tokenizer()
+                    .decode(&[id], false)
+                    .unwrap_or_default(),
+                logprob: Some(lp),
+                special: self.tokenizer.is_special(id),
+            })
+            .collect()
+    }
+
+    /// The id of the last token generated so far.
+    pub fn last_token_id(&self) -> Option<u32> {
+        self.last_id
+    }
+}
+
+/// A generation run to its end: every token (in order) and how it finished.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    pub tokens: Vec<Token>,
+    /// One list per token when alternatives were asked for; empty otherwise.
+    pub top_tokens: Vec<Vec<Token>>,
+    pub end: EndInfo,
+}
+
+/// Runs a generation to its end. The one assembly path of every non-streaming answer.
+pub async fn collect(mut stream: GenerationStream) -> Result<Completed, RouterError> {
+    let mut tokens = Vec::new();
+    let mut top_tokens = Vec::new();
+    while let Some(ev) = stream.next().await {
+        let ev = ev?;
+        if let Some(token) = ev.token {
+            tokens.push(token);
+            if !ev.top_tokens.is_empty() {
+                top_tokens.push(ev.top_tokens);
+            }
+        }
+        if let Some(end) = ev.end {
+            return Ok(Completed {
+                tokens,
+                top_tokens,
+                end,
+            });
+        }
+    }
+    Err(RouterError::Generation(
+        "the generation ended without a final event".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::detokenizer::tests::byte_level_tokenizer;
+
+    fn ids(tokenizer: &TextTokenizer, text: &str) -> Vec<u32> {
+        tokenizer
+            .tokenizer()
+            .encode(text, false)
+            .expect("encode")
+            .get_ids()
+            .to_vec()
+    }
+
+    fn output(ids: Vec<u32>, finish: pb::FinishReason) -> ExecutorEvent {
+        ExecutorEvent::Output(pb::RequestOutput {
+            request_id: 1,
+            token_ids: ids,
+            finish_reason: finish as i32,
+            ..Default::default()
+        })
+    }
+
+    /// A stream fed by hand: the executor's messages go in through the returned sender.
+    fn stream(
+        max_new_tokens: u32,
+        stops: &[&str],
+    ) -> (
+        GenerationStream,
+        mpsc::UnboundedSender<ExecutorEvent>,
+        TextTokenizer,
+    ) {
+        let tokenizer = TextTokenizer::from_tokenizer(byte_level_tokenizer());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let s = GenerationStream::with(
+            rx,
+            None,
+            tokenizer.clone(),
+            StreamSetup {
+                input_ids: vec![1, 2, 3],
+                max_new_tokens,
+                stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
+                seed: None,
+            },
+        );
+        (s, tx, tokenizer)
+    }
+
+    #[tokio::test]
+    async fn a_finish_after_the_last_token_invents_no_token() {
+        let (s, tx, tok) = stream(10, &[]);
+        let hi = ids(&tok, "hi");
+        tx.send(output(hi.clone(), pb::FinishReason::Unspecified))
+            .expect("send");
+        tx.send(output(vec![], pb::FinishReason::EosToken))
+            .expect("send");
+        let done = collect(s).await.expect("completes");
+        assert_eq!(done.end.finish_reason, FinishReason::EosToken);
+        assert_eq!(done.end.generated_tokens, 2);
+        assert_eq!(done.tokens.len(), 2, "one entry per generated token");
+        assert_eq!(
+            done.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+            hi,
+            "only the engine's own tokens"
+        );
+        assert_eq!(done.end.generated_text, "hi");
+    }
+
+    #[tokio::test]
+    async fn the_closing_event_carries_no_token() {
+        let (mut s, tx, tok) = stream(10, &[]);
+        tx.send(output(ids(&tok, "a"), pb::FinishReason::Unspecified))
+            .expect("send");
+        tx.send(output(vec![], pb::FinishReason::EosToken))
+            .expect("send");
+        let first = s.next().await.expect("event").expect("ok");
+        assert!(first.token.is_some() && first.end.is_none());
+        let last = s.next().await.expect("event").expect("ok");
+        assert!(last.token.is_none());
+        assert_eq!(last.index, 0, "the last token's position, not a new one");
+        assert!(last.end.is_some());
+        assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_ends_on_the_last_token() {
+        let (mut s, tx, tok) = stream(2, &[]);
+        tx.send(output(ids(&tok, "ok"), pb::FinishReason::Unspecified))
+            .expect("send");
+        let first = s.next().await.expect("event").expect("ok");
+        assert!(first.end.is_none());
+        let second = s.next().await.expect("event").expect("ok");
+        let end = second.end.expect("ends on the second token");
+        assert_eq!(end.finish_reason, FinishReason::Length);
+        assert_eq!(second.token.map(|t| t.text), Some("k".into()));
+        assert!(
+            s.next().await.is_none(),
+            "the engine's own finish is not awaited"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_sequence_reports_where_it_begins() {
+        let (s, tx, tok) = stream(20, &["END"]);
+        tx.send(output(ids(&tok, "abEN"), pb::FinishReason::Unspecified))
+            .expect("send");
+        tx.send(output(ids(&tok, "Dzz"), pb::FinishReason::Unspecified))
+            .expect("send");
+        let done = collect(s).await.expect("completes");
+        assert_eq!(done.end.finish_reason, FinishReason::StopSequence);
+        assert_eq!(done.end.generated_text, "abEND");
+        assert_eq!(done.end.text_before_stop(), "ab");
+        assert_eq!(
+            done.tokens.len(),
+            5,
+            "tokens after the stop are not reported"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_engine_error_fails_the_stream() {
+        let (s, tx, _) = stream(5, &[]);
+        tx.send(ExecutorEvent::Output(pb::RequestOutput {
+            request_id: 1,
+            finish_reason: pb::FinishReason::Error as i32,
+            error: "boom".into(),
+            ..Default::default()
+        }))
+        .expect("send");
+        let e = collect(s).await.expect_err("fails");
+        assert!(
+            matches!(e, RouterError::Generation(ref m) if m == "boom"),
+            "{e}"
+        );
+    }
+}

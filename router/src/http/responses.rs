@@ -1,0 +1,51 @@
+//! The error answers each route documents in OpenAPI, declared once per error shape.
+
+use crate::errors::{ErrorBody, OpenAiErrorBody};
+
+/// The error answers of a route that takes a body, declared once for each error shape
+/// (utoipa's `IntoResponses`, listed in each handler's `responses(...)`).
+macro_rules! error_responses {
+    ($name:ident, $auth:ident, $body:ty) => {
+        #[derive(utoipa::IntoResponses)]
+        #[allow(dead_code)]
+        pub enum $name {
+            #[response(
+                status = 401,
+                description = "API key missing or wrong (only with --api-key)"
+            )]
+            Unauthorized($body),
+            #[response(status = 413, description = "Body over --payload-limit")]
+            PayloadTooLarge($body),
+            #[response(status = 415, description = "Content-Type is not application/json")]
+            UnsupportedMediaType($body),
+            #[response(
+                status = 422,
+                description = "Invalid input; the message names the field and the limit"
+            )]
+            Validation($body),
+            #[response(status = 424, description = "Generation failed")]
+            Generation($body),
+            #[response(status = 429, description = "Too many requests in flight")]
+            Overloaded($body),
+            #[response(
+                status = 503,
+                description = "Executor unavailable, queue wait exceeded, or shutting down"
+            )]
+            Unavailable($body),
+        }
+
+        /// The error answer of a route without a body: only the key can be wrong.
+        #[derive(utoipa::IntoResponses)]
+        #[allow(dead_code)]
+        pub enum $auth {
+            #[response(
+                status = 401,
+                description = "API key missing or wrong (only with --api-key)"
+            )]
+            Unauthorized($body),
+        }
+    };
+}
+
+error_responses!(TgiErrors, TgiAuthErrors, ErrorBody);
+error_responses!(OpenAiErrors, OpenAiAuthErrors, OpenAiErrorBody);
