@@ -84,7 +84,7 @@ class Features(_message.Message):
     def __init__(self, logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[bool] = ..., seed: _Optional[bool] = ..., top_k: _Optional[bool] = ..., top_p: _Optional[bool] = ..., typical_p: _Optional[bool] = ..., repetition_penalty: _Optional[bool] = ..., frequency_penalty: _Optional[bool] = ..., presence_penalty: _Optional[bool] = ..., stop_token_ids: _Optional[bool] = ..., guided_decoding: _Optional[bool] = ..., min_new_tokens: _Optional[bool] = ..., logit_bias: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "engine", "dtype", "device", "vocab_size", "eos_token_ids", "limits", "kv_capacity_tokens", "features", "executor_version")
+    __slots__ = ("model_id", "engine", "dtype", "device", "vocab_size", "eos_token_ids", "limits", "kv_capacity_tokens", "features", "executor_version", "weight_version", "control", "released_memory_tags")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,9 @@ class InfoResponse(_message.Message):
     KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_MEMORY_TAGS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     engine: str
     dtype: str
@@ -105,7 +108,26 @@ class InfoResponse(_message.Message):
     kv_capacity_tokens: int
     features: Features
     executor_version: str
-    def __init__(self, model_id: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., kv_capacity_tokens: _Optional[int] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., executor_version: _Optional[str] = ...) -> None: ...
+    weight_version: str
+    control: ControlFeatures
+    released_memory_tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., kv_capacity_tokens: _Optional[int] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., executor_version: _Optional[str] = ..., weight_version: _Optional[str] = ..., control: _Optional[_Union[ControlFeatures, _Mapping]] = ..., released_memory_tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ControlFeatures(_message.Message):
+    __slots__ = ("memory_tags", "update_from_disk", "update_from_tensors", "update_from_cuda_ipc", "flush_cache", "pause_in_place")
+    MEMORY_TAGS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FROM_DISK_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FROM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FROM_CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_CACHE_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_IN_PLACE_FIELD_NUMBER: _ClassVar[int]
+    memory_tags: _containers.RepeatedScalarFieldContainer[str]
+    update_from_disk: bool
+    update_from_tensors: bool
+    update_from_cuda_ipc: bool
+    flush_cache: bool
+    pause_in_place: bool
+    def __init__(self, memory_tags: _Optional[_Iterable[str]] = ..., update_from_disk: _Optional[bool] = ..., update_from_tensors: _Optional[bool] = ..., update_from_cuda_ipc: _Optional[bool] = ..., flush_cache: _Optional[bool] = ..., pause_in_place: _Optional[bool] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -142,7 +164,7 @@ class SamplingParams(_message.Message):
     def __init__(self, do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("id", "input_ids", "max_new_tokens", "sampling", "stop_token_ids", "ignore_eos", "return_logprobs", "top_n_tokens", "priority", "grammar", "min_new_tokens", "logit_bias")
+    __slots__ = ("id", "input_ids", "max_new_tokens", "sampling", "stop_token_ids", "ignore_eos", "return_logprobs", "top_n_tokens", "priority", "grammar", "min_new_tokens", "logit_bias", "return_prompt_logprobs")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +184,7 @@ class GenerateRequest(_message.Message):
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     max_new_tokens: int
@@ -174,7 +197,8 @@ class GenerateRequest(_message.Message):
     grammar: Grammar
     min_new_tokens: int
     logit_bias: _containers.ScalarMap[int, float]
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., return_logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., grammar: _Optional[_Union[Grammar, _Mapping]] = ..., min_new_tokens: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
+    return_prompt_logprobs: bool
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., return_logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., grammar: _Optional[_Union[Grammar, _Mapping]] = ..., min_new_tokens: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., return_prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
 class Grammar(_message.Message):
     __slots__ = ("kind", "value")
@@ -201,20 +225,26 @@ class TopTokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RequestOutput(_message.Message):
-    __slots__ = ("request_id", "token_ids", "logprobs", "top_tokens", "finish_reason", "error")
+    __slots__ = ("request_id", "token_ids", "logprobs", "top_tokens", "finish_reason", "error", "prompt_logprobs", "prompt_top_tokens", "weight_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     top_tokens: _containers.RepeatedCompositeFieldContainer[TopTokens]
     finish_reason: FinishReason
     error: str
-    def __init__(self, request_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_tokens: _Optional[_Iterable[_Union[TopTokens, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    prompt_top_tokens: _containers.RepeatedCompositeFieldContainer[TopTokens]
+    weight_version: str
+    def __init__(self, request_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_tokens: _Optional[_Iterable[_Union[TopTokens, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., prompt_top_tokens: _Optional[_Iterable[_Union[TopTokens, _Mapping]]] = ..., weight_version: _Optional[str] = ...) -> None: ...
 
 class IterationOutput(_message.Message):
     __slots__ = ("iteration", "outputs")
@@ -299,3 +329,72 @@ class KvCacheEventBatch(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[KvCacheEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[KvCacheEvent, _Mapping]]] = ...) -> None: ...
+
+class MemoryRequest(_message.Message):
+    __slots__ = ("tags",)
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateWeightsRequest(_message.Message):
+    __slots__ = ("cuda_ipc", "model_path", "tensors", "finalize", "weight_version", "flush_cache")
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FINALIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_CACHE_FIELD_NUMBER: _ClassVar[int]
+    cuda_ipc: CudaIpcWeights
+    model_path: str
+    tensors: SerializedTensors
+    finalize: bool
+    weight_version: str
+    flush_cache: bool
+    def __init__(self, cuda_ipc: _Optional[_Union[CudaIpcWeights, _Mapping]] = ..., model_path: _Optional[str] = ..., tensors: _Optional[_Union[SerializedTensors, _Mapping]] = ..., finalize: _Optional[bool] = ..., weight_version: _Optional[str] = ..., flush_cache: _Optional[bool] = ...) -> None: ...
+
+class CudaIpcWeights(_message.Message):
+    __slots__ = ("handles_by_gpu",)
+    class HandlesByGpuEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    HANDLES_BY_GPU_FIELD_NUMBER: _ClassVar[int]
+    handles_by_gpu: _containers.ScalarMap[str, bytes]
+    def __init__(self, handles_by_gpu: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SerializedTensors(_message.Message):
+    __slots__ = ("format", "payloads")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    payloads: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, format: _Optional[str] = ..., payloads: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FlushCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PauseGenerationRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContinueGenerationRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ControlResponse(_message.Message):
+    __slots__ = ("weight_version", "released_memory_tags", "memory_delta_bytes", "tensors_updated", "message")
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_MEMORY_TAGS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    weight_version: str
+    released_memory_tags: _containers.RepeatedScalarFieldContainer[str]
+    memory_delta_bytes: int
+    tensors_updated: int
+    message: str
+    def __init__(self, weight_version: _Optional[str] = ..., released_memory_tags: _Optional[_Iterable[str]] = ..., memory_delta_bytes: _Optional[int] = ..., tensors_updated: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,36 @@ class ExecutorStub:
                 request_serializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventsRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventBatch.FromString,
                 _registered_method=True)
+        self.ReleaseMemory = channel.unary_unary(
+                '/tensorgate.v1.Executor/ReleaseMemory',
+                request_serializer=tensorgate_dot_v1_dot_executor__pb2.MemoryRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.ResumeMemory = channel.unary_unary(
+                '/tensorgate.v1.Executor/ResumeMemory',
+                request_serializer=tensorgate_dot_v1_dot_executor__pb2.MemoryRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.UpdateWeights = channel.unary_unary(
+                '/tensorgate.v1.Executor/UpdateWeights',
+                request_serializer=tensorgate_dot_v1_dot_executor__pb2.UpdateWeightsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/tensorgate.v1.Executor/FlushCache',
+                request_serializer=tensorgate_dot_v1_dot_executor__pb2.FlushCacheRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.PauseGeneration = channel.unary_unary(
+                '/tensorgate.v1.Executor/PauseGeneration',
+                request_serializer=tensorgate_dot_v1_dot_executor__pb2.PauseGenerationRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+                _registered_method=True)
+        self.ContinueGeneration = channel.unary_unary(
+                '/tensorgate.v1.Executor/ContinueGeneration',
+                request_serializer=tensorgate_dot_v1_dot_executor__pb2.ContinueGenerationRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -104,6 +134,54 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseMemory(self, request, context):
+        """Rollout control (RL trainers). Each is UNIMPLEMENTED where the engine cannot do it,
+        INVALID_ARGUMENT for a bad payload (nothing changed), FAILED_PRECONDITION when the
+        engine's state forbids it (e.g. an update while weights are released). The router
+        orders them against generation; the executor only applies them.
+
+        Frees engine memory by tag ("kv_cache": the KV cache; "model": the weights), as
+        trtllm-serve's /release_memory. Generation is refused until the tags are resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWeights(self, request, context):
+        """Loads new weights. Names, shapes and dtypes are all checked before any weight is
+        written: a request that fails changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlushCache(self, request, context):
+        """Drops every cached prefix block (the next requests prefill from scratch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseGeneration(self, request, context):
+        """In-place pause: the engine stops stepping and keeps its requests and their KV cache
+        until ContinueGeneration. (The router's other pause mode, abort, needs no RPC.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ContinueGeneration(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +209,36 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.KvCacheEvents,
                     request_deserializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventsRequest.FromString,
                     response_serializer=tensorgate_dot_v1_dot_executor__pb2.KvCacheEventBatch.SerializeToString,
+            ),
+            'ReleaseMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseMemory,
+                    request_deserializer=tensorgate_dot_v1_dot_executor__pb2.MemoryRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.SerializeToString,
+            ),
+            'ResumeMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeMemory,
+                    request_deserializer=tensorgate_dot_v1_dot_executor__pb2.MemoryRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.SerializeToString,
+            ),
+            'UpdateWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeights,
+                    request_deserializer=tensorgate_dot_v1_dot_executor__pb2.UpdateWeightsRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=tensorgate_dot_v1_dot_executor__pb2.FlushCacheRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.SerializeToString,
+            ),
+            'PauseGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseGeneration,
+                    request_deserializer=tensorgate_dot_v1_dot_executor__pb2.PauseGenerationRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.SerializeToString,
+            ),
+            'ContinueGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContinueGeneration,
+                    request_deserializer=tensorgate_dot_v1_dot_executor__pb2.ContinueGenerationRequest.FromString,
+                    response_serializer=tensorgate_dot_v1_dot_executor__pb2.ControlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +376,168 @@ class Executor:
             '/tensorgate.v1.Executor/KvCacheEvents',
             tensorgate_dot_v1_dot_executor__pb2.KvCacheEventsRequest.SerializeToString,
             tensorgate_dot_v1_dot_executor__pb2.KvCacheEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.v1.Executor/ReleaseMemory',
+            tensorgate_dot_v1_dot_executor__pb2.MemoryRequest.SerializeToString,
+            tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.v1.Executor/ResumeMemory',
+            tensorgate_dot_v1_dot_executor__pb2.MemoryRequest.SerializeToString,
+            tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.v1.Executor/UpdateWeights',
+            tensorgate_dot_v1_dot_executor__pb2.UpdateWeightsRequest.SerializeToString,
+            tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.v1.Executor/FlushCache',
+            tensorgate_dot_v1_dot_executor__pb2.FlushCacheRequest.SerializeToString,
+            tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.v1.Executor/PauseGeneration',
+            tensorgate_dot_v1_dot_executor__pb2.PauseGenerationRequest.SerializeToString,
+            tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContinueGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.v1.Executor/ContinueGeneration',
+            tensorgate_dot_v1_dot_executor__pb2.ContinueGenerationRequest.SerializeToString,
+            tensorgate_dot_v1_dot_executor__pb2.ControlResponse.FromString,
             options,
             channel_credentials,
             insecure,
