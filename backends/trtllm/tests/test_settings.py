@@ -42,6 +42,7 @@ NOT_DEFAULT = {
     "kv_event_buffer_size": 1024,
     "guided_decoding_backend": "xgrammar",
     "rl_hooks": True,
+    "weight_version": "step-7",
     "port": 50051,
 }
 
@@ -68,6 +69,7 @@ BAD = [
     (["--kv-cache-free-gpu-memory-fraction", "1.5"], "must be in (0, 1], got 1.5"),
     (["--capacity-scheduler-policy", "fifo"], "must be one of guaranteed_no_evict"),
     (["--max-batch-size", "many"], "expected an integer, got 'many'"),
+    (["--weight-version", ""], "use 1 to 256 printable characters"),
 ]
 
 

@@ -14,6 +14,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tensorgate.executor.control import (
+    ControlFeatures,
+    ControlResult,
+    ControlUnsupported,
+    WeightVersions,
+)
 from tensorgate.v1 import executor_pb2 as pb
 
 # One iteration's outputs, already in the wire type so that nothing is copied on the way out.
@@ -168,6 +174,8 @@ class Engine(abc.ABC):
 
     def __init__(self) -> None:
         self.counters = Counters()
+        # Set from --weight-version by load_engine; advanced by the engine's updates.
+        self.versions = WeightVersions()
 
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...
@@ -200,6 +208,57 @@ class Engine(abc.ABC):
         """The KV-cache events published since the last call, oldest first (may be empty);
         None when this engine publishes none (the RPC then answers UNIMPLEMENTED)."""
         return None
+
+    def describe(self, executor_version: str) -> pb.InfoResponse:
+        """Info: the engine's static facts plus its rollout-control state."""
+        info = self.info().to_proto(executor_version)
+        info.weight_version = self.weight_version
+        info.control.CopyFrom(self.control_features().to_proto())
+        info.released_memory_tags.extend(self.released_memory_tags())
+        return info
+
+    # -- rollout control (RL trainers) ------------------------------------------------------------
+    # Called by the server off its event loop, one at a time (never two control calls at once),
+    # while generation goes on in the engine's own thread. Each either does all it says or
+    # raises a ControlError having changed nothing. An engine overrides what it can do; the
+    # rest answers UNIMPLEMENTED, naming the engine.
+
+    @property
+    def weight_version(self) -> str:
+        """The label of the weights now serving; final outputs carry it."""
+        return self.versions.current
+
+    def control_features(self) -> ControlFeatures:
+        return ControlFeatures()
+
+    def released_memory_tags(self) -> list[str]:
+        return []
+
+    def _unsupported(self, what: str) -> ControlUnsupported:
+        return ControlUnsupported(f"the {self.info().engine} engine cannot {what}")
+
+    def release_memory(self, tags: list[str]) -> ControlResult:
+        """Frees the memory under `tags` (empty: every tag the engine has); generation is
+        refused until they are resumed."""
+        raise self._unsupported("release memory")
+
+    def resume_memory(self, tags: list[str]) -> ControlResult:
+        raise self._unsupported("resume memory")
+
+    def update_weights(self, request: pb.UpdateWeightsRequest) -> ControlResult:
+        """Loads new weights, checked whole before any is written."""
+        raise self._unsupported("update its weights")
+
+    def flush_cache(self) -> ControlResult:
+        """Drops every cached prefix block."""
+        raise self._unsupported("flush its cache")
+
+    def pause_generation(self) -> ControlResult:
+        """Stops stepping, keeping every request and its KV cache, until continue_generation."""
+        raise self._unsupported("pause generation in place")
+
+    def continue_generation(self) -> ControlResult:
+        raise self._unsupported("continue generation")
 
 
 class Inbox:

@@ -1,9 +1,18 @@
-"""The executor's gRPC server (grpcio.aio): Info, Health, Stats and the Generate stream.
+"""The executor's gRPC server (grpcio.aio): Info, Health, Stats, the Generate stream, KV-cache
+events and the rollout-control RPCs.
 
 Request ids are the router's and unique per connection; the server maps them to engine-wide
 ids so that two connections can never collide. A connection whose stream is cancelled (the
 router died or restarted) has its live requests cancelled in the engine; a connection that
 only half-closes (done sending) still gets every output of its live requests, then the end.
+
+Every request's final output carries the weight_version the engine had when it emitted that
+output (read in the engine's thread, with the output), so an update between two steps labels
+each request with the weights that produced its last token.
+
+Control RPCs run on one thread of their own, one at a time, off the event loop: a weight update
+takes seconds and must never stall the streams. Their typed errors (executor/control.py) become
+INVALID_ARGUMENT, FAILED_PRECONDITION or UNIMPLEMENTED here, and nowhere else.
 """
 
 from __future__ import annotations
@@ -13,13 +22,16 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from tensorgate import __version__
+from tensorgate.executor.control import ControlError, ControlResult
 from tensorgate.executor.engine import Engine, add_finished
 from tensorgate.v1 import executor_pb2 as pb
 from tensorgate.v1 import executor_pb2_grpc as pb_grpc
@@ -33,6 +45,10 @@ log = logging.getLogger("tensorgate.executor")
 _CLOSED = None  # queue sentinel: this connection's stream is over
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What the executor accepts: gRPC's own ceiling (a signed 32-bit length), so that the limit that
+# counts is the router's --rl-max-payload-bytes (1 GiB by default) on UpdateWeights. Only the
+# router can connect (a 0600 socket, or loopback).
+MAX_RECEIVE_MESSAGE_BYTES = 2**31 - 1
 
 
 @dataclass(eq=False)
@@ -58,12 +74,15 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         self._owners: dict[int, tuple[_Connection, int]] = {}
         self._connections: set[_Connection] = set()
         self._iteration = 0
+        # One control call at a time, in order, off the event loop.
+        self._control_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
 
     def emit(self, batch: pb.IterationOutput) -> None:
-        """The engine's `emit`: called from the engine's thread once per iteration."""
-        self.loop.call_soon_threadsafe(self._route, batch)
+        """The engine's `emit`: called from the engine's thread once per iteration. The weight
+        version is read here, with the outputs, not later on the event loop."""
+        self.loop.call_soon_threadsafe(self._route, batch, self.engine.weight_version)
 
-    def _route(self, batch: pb.IterationOutput) -> None:
+    def _route(self, batch: pb.IterationOutput, weight_version: str) -> None:
         self._iteration += 1
         owners = self._owners
         conns: list[_Connection | None] = []
@@ -79,6 +98,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             if out.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 del owners[out.request_id]
                 conn.ids.pop(router_id, None)
+                out.weight_version = weight_version
             out.request_id = router_id
             conns.append(conn)
             if single is None:
@@ -105,7 +125,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             conn.close_if_done()
 
     async def Info(self, request, context):
-        return self.engine.info().to_proto(__version__)
+        return self.engine.describe(__version__)
 
     async def Health(self, request, context):
         if not self.ready:
@@ -172,6 +192,72 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         conn.half_closed = True
         conn.close_if_done()
 
+    # -- rollout control --------------------------------------------------------------------------
+
+    async def ReleaseMemory(self, request, context):
+        return await self._control(context, "ReleaseMemory", self.engine.release_memory, request)
+
+    async def ResumeMemory(self, request, context):
+        return await self._control(context, "ResumeMemory", self.engine.resume_memory, request)
+
+    async def UpdateWeights(self, request, context):
+        return await self._control(context, "UpdateWeights", self.engine.update_weights, request)
+
+    async def FlushCache(self, request, context):
+        return await self._control(context, "FlushCache", self.engine.flush_cache, None)
+
+    async def PauseGeneration(self, request, context):
+        return await self._control(context, "PauseGeneration", self.engine.pause_generation, None)
+
+    async def ContinueGeneration(self, request, context):
+        return await self._control(
+            context, "ContinueGeneration", self.engine.continue_generation, None
+        )
+
+    async def _control(
+        self, context, name: str, call: Callable[..., ControlResult], request
+    ) -> pb.ControlResponse:
+        if isinstance(request, pb.MemoryRequest):
+            args: tuple = (list(request.tags),)
+        elif request is None:
+            args = ()
+        else:
+            args = (request,)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            result = await loop.run_in_executor(self._control_thread, call, *args)
+        except ControlError as e:
+            log.info("%s refused (%s): %s", name, e.code.name, e)
+            await context.abort(e.code, str(e))
+            raise  # unreachable: abort raises
+        except Exception as e:
+            # A bug or a device failure, not a bad request: said as such, never a silent 200.
+            log.exception("%s failed", name)
+            engine = self.engine.info().engine
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"{name} failed in the {engine} engine: {type(e).__name__}: {e}",
+            )
+            raise  # unreachable: abort raises
+        log.info(
+            "%s done in %.1f ms: %s (weight_version %s)",
+            name,
+            (time.monotonic() - started) * 1000,
+            result.message,
+            self.engine.weight_version,
+        )
+        return pb.ControlResponse(
+            weight_version=self.engine.weight_version,
+            released_memory_tags=self.engine.released_memory_tags(),
+            memory_delta_bytes=result.memory_delta_bytes,
+            tensors_updated=result.tensors_updated,
+            message=result.message,
+        )
+
+    def close_control(self) -> None:
+        self._control_thread.shutdown(wait=False, cancel_futures=True)
+
     def _submit(self, requests, conn: _Connection) -> None:
         accepted = []
         for r in requests:
@@ -183,6 +269,7 @@ class ExecutorService(pb_grpc.ExecutorServicer):
                     pb.FINISH_REASON_ERROR,
                     f"request id {r.id} is already live on this connection",
                 )
+                dup.outputs[-1].weight_version = self.engine.weight_version
                 conn.queue.put_nowait(dup)
                 continue
             engine_id = next(self._engine_ids)
@@ -228,7 +315,7 @@ async def serve(engine: Engine, uds_path: Path, port: int | None, stop: asyncio.
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
         ]
     )
     pb_grpc.add_ExecutorServicer_to_server(service, server)
@@ -245,6 +332,7 @@ async def serve(engine: Engine, uds_path: Path, port: int | None, stop: asyncio.
     log.info("shutting down")
     service.ready = False
     service.not_ready_reason = "shutting down"
+    service.close_control()
     await loop.run_in_executor(None, engine.shutdown)
     service.close_all()
     await server.stop(grace=5)

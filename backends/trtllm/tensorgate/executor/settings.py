@@ -142,6 +142,13 @@ class ExecutorSettings:
         "sleep/wakeup/update_weights (checkpoints only)",
         engines=("trtllm",),
     )
+    weight_version: str = _setting(
+        "0",
+        "label of the weights loaded at start; every final output carries the label of the "
+        "weights that produced it (rollout-control updates set new ones)",
+        pattern=r"[^\x00-\x1f\x7f]{1,256}",
+        pattern_help="use 1 to 256 printable characters",
+    )
     port: int | None = _setting(
         None,
         "also serve gRPC on 127.0.0.1:PORT, loopback only (default: the unix socket only)",

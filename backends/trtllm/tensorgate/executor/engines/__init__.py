@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from tensorgate.executor.control import WeightVersions
 from tensorgate.executor.engine import Engine
 from tensorgate.executor.settings import EngineConfig
 from tensorgate.executor.versions import require_supported
 
 
 def load_engine(config: EngineConfig) -> Engine:
+    engine = _build(config)
+    engine.versions = WeightVersions(config.settings.weight_version)
+    return engine
+
+
+def _build(config: EngineConfig) -> Engine:
     if config.engine == "synthetic":
         from tensorgate.executor.engines.synthetic import SyntheticEngine
 

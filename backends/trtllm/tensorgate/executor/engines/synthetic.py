@@ -3,6 +3,12 @@
 It exists to measure the stack alone, at the token rates TensorRT-LLM reaches, so an iteration
 is built straight into one protobuf message. Token ids are deterministic (a function of request
 id and step) and never an eos id; requests beyond the batch capacity wait, FIFO.
+
+Rollout control works as state, for load tests of the control path: memory tags are marked
+released and resumed (generation is refused meanwhile, and requests live at a release are
+failed, as a real engine must), updates advance the weight version (safetensors headers are
+checked; pickles and CUDA IPC handles are not opened: there is no model to load them into), and
+an in-place pause stops the loop stepping while it keeps its requests.
 """
 
 from __future__ import annotations
@@ -11,7 +17,19 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from tensorgate.executor.control import (
+    KV_CACHE,
+    MODEL,
+    ControlConflict,
+    ControlFeatures,
+    ControlInvalid,
+    ControlResult,
+    noop_note,
+    resolve_tags,
+    update_source,
+)
 from tensorgate.executor.engine import (
     Emit,
     Engine,
@@ -25,9 +43,11 @@ from tensorgate.executor.engine import (
 )
 from tensorgate.executor.live_requests import LiveRequests
 from tensorgate.executor.settings import DEFAULT_ITERATION_MS, DEFAULT_VOCAB_SIZE, EngineConfig
+from tensorgate.executor.weights import safetensors_header
 from tensorgate.v1 import executor_pb2 as pb
 
 BLOCK_SIZE = 64
+MEMORY_TAGS = (KV_CACHE, MODEL)
 _LENGTH = pb.FINISH_REASON_LENGTH
 _STOP = pb.FINISH_REASON_STOP_TOKEN
 
@@ -85,6 +105,12 @@ class SyntheticEngine(Engine):
         self._low = min(1000, vocab_size // 4)
         self._span = vocab_size - self._low
         self.features = EngineFeatures(stop_token_ids=True, min_new_tokens=True, ignore_eos=True)
+        # Control state: written by the control thread under the lock, read by the loop.
+        self._control = threading.Lock()
+        self._released: frozenset[str] = frozenset()  # replaced whole: the loop reads it
+        self._paused = False
+        self._parked = threading.Event()  # set by the loop once it holds in a pause
+        self._buckets = 0  # CUDA IPC buckets since the last finalize
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> SyntheticEngine:
@@ -129,6 +155,13 @@ class SyntheticEngine(Engine):
     def _loop(self, emit: Emit) -> None:
         next_tick = time.monotonic()
         while not self._stop.is_set():
+            if self._paused:
+                # In place: take requests and cancellations, step nothing.
+                self._parked.set()
+                self._hold(emit)
+                self.inbox.wake.wait(timeout=0.05)
+                next_tick = time.monotonic()
+                continue
             started = time.monotonic()
             self._iterate(emit)
             self.counters.last_iteration_ms = (time.monotonic() - started) * 1000
@@ -145,10 +178,21 @@ class SyntheticEngine(Engine):
                 next_tick = time.monotonic()  # late: do not try to catch up in a burst
         self._fail_all(emit, "the executor is shutting down")
 
+    def _hold(self, emit: Emit) -> None:
+        batch = pb.IterationOutput()
+        self._take_inbox(batch)
+        if batch.outputs:
+            emit(batch)
+
     def _iterate(self, emit: Emit) -> None:
         c = self.counters
         batch = pb.IterationOutput()
         self._take_inbox(batch)
+        asleep = self._asleep()
+        if asleep and self.live:
+            self.live.fail_all(asleep, batch)
+            self.active.clear()
+            self.waiting.clear()
         while self.waiting and len(self.active) < self.limits.max_batch_size:
             a = self.waiting.popleft()
             self.active[a.rid] = a
@@ -186,9 +230,10 @@ class SyntheticEngine(Engine):
     def _take_inbox(self, batch: pb.IterationOutput) -> None:
         requests, cancels = self.inbox.drain()
         c = self.counters
+        asleep = self._asleep()
         for r in requests:
             c.requests_received += 1
-            err = check_request(r, self.limits) or check_features(r, self.features)
+            err = asleep or check_request(r, self.limits) or check_features(r, self.features)
             if err:
                 c.requests_failed += 1
                 add_finished(batch, r.id, pb.FINISH_REASON_ERROR, err)
@@ -233,7 +278,120 @@ class SyntheticEngine(Engine):
             block_size=BLOCK_SIZE,
         )
 
+    # -- rollout control (state only) -----------------------------------------------------------
+
+    def _asleep(self) -> str:
+        """Why generation is refused now ("" when it is not)."""
+        released = self._released
+        if not released:
+            return ""
+        return (
+            f"the engine's memory is released ({', '.join(sorted(released))}): "
+            "resume it (/resume_memory) before generating"
+        )
+
+    def control_features(self) -> ControlFeatures:
+        return ControlFeatures(
+            memory_tags=MEMORY_TAGS,
+            update_from_disk=True,
+            update_from_tensors=True,
+            update_from_cuda_ipc=True,
+            flush_cache=True,
+            pause_in_place=True,
+        )
+
+    def released_memory_tags(self) -> list[str]:
+        with self._control:
+            return [t for t in MEMORY_TAGS if t in self._released]
+
+    def release_memory(self, tags: list[str]) -> ControlResult:
+        act, noop = resolve_tags(tags, MEMORY_TAGS)
+        with self._control:
+            if self._paused:
+                raise ControlConflict(
+                    "generation is paused in place: continue it before releasing memory (a "
+                    "release ends every live request)"
+                )
+            self._released = self._released | set(act)
+        self.inbox.wake.set()  # the loop fails what is live
+        return ControlResult(
+            message=f"released {', '.join(act) or 'nothing'} (synthetic: no memory is held, "
+            f"generation is refused until resumed){noop_note(noop)}"
+        )
+
+    def resume_memory(self, tags: list[str]) -> ControlResult:
+        act, noop = resolve_tags(tags, MEMORY_TAGS)
+        with self._control:
+            self._released = self._released - set(act)
+        return ControlResult(message=f"resumed {', '.join(act) or 'nothing'}{noop_note(noop)}")
+
+    def update_weights(self, request: pb.UpdateWeightsRequest) -> ControlResult:
+        source = update_source(request)
+        with self._control:
+            if MODEL in self._released:
+                raise ControlConflict(
+                    "the weights are released: resume 'model' (/resume_memory) before updating"
+                )
+        tensors = 0
+        if source == "cuda_ipc":
+            if not request.cuda_ipc.handles_by_gpu:
+                raise ControlInvalid("cuda_ipc carries no handles")
+            with self._control:
+                self._buckets += 1
+            return ControlResult(
+                message="bucket taken (synthetic: handles are not opened); it takes effect "
+                "at finalize"
+            )
+        if source == "model_path":
+            if not Path(request.model_path).is_dir():
+                raise ControlInvalid(f"model_path {request.model_path!r} is not a directory")
+        elif source == "tensors":
+            tensors = self._count_tensors(request.tensors)
+        with self._control:
+            self._buckets = 0
+            version = self.versions.advance(request.weight_version)
+        return ControlResult(
+            message=f"weights now {version!r} (synthetic: no model; {source})",
+            tensors_updated=tensors,
+        )
+
+    @staticmethod
+    def _count_tensors(tensors: pb.SerializedTensors) -> int:
+        fmt = tensors.format or "safetensors"
+        if fmt not in ("safetensors", "pickle"):
+            raise ControlInvalid(f"tensors.format {fmt!r}: use safetensors or pickle")
+        if not tensors.payloads:
+            raise ControlInvalid("tensors carries no payloads")
+        if fmt == "pickle":
+            return 0  # not opened here: no model to check it against
+        return sum(len(safetensors_header(p)) for p in tensors.payloads)
+
+    def flush_cache(self) -> ControlResult:
+        return ControlResult(message="synthetic: no prefix cache to flush")
+
+    def pause_generation(self) -> ControlResult:
+        with self._control:
+            if self._released:
+                raise ControlConflict("the engine's memory is released: nothing runs to pause")
+            was = self._paused
+            self._paused = True
+        self.inbox.wake.set()
+        # Answer once the loop holds (it finishes the iteration it is in).
+        if not self._parked.wait(timeout=10):
+            raise ControlConflict("the engine loop did not pause within 10 s")
+        return ControlResult(message="already paused" if was else "paused in place")
+
+    def continue_generation(self) -> ControlResult:
+        with self._control:
+            was = self._paused
+            self._paused = False
+            self._parked.clear()
+        self.inbox.wake.set()
+        return ControlResult(message="continued" if was else "was not paused")
+
     def shutdown(self) -> None:
+        with self._control:
+            self._paused = False
         self._stop.set()
         self.inbox.wake.set()
         if self._thread is not None:
