@@ -363,6 +363,42 @@ mod tests {
                 "the fake publishes no KV-cache events",
             ))
         }
+        async fn release_memory(
+            &self,
+            _: Request<pb::MemoryRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::unimplemented("the fake has no rollout control"))
+        }
+        async fn resume_memory(
+            &self,
+            _: Request<pb::MemoryRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::unimplemented("the fake has no rollout control"))
+        }
+        async fn update_weights(
+            &self,
+            _: Request<pb::UpdateWeightsRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::unimplemented("the fake has no rollout control"))
+        }
+        async fn flush_cache(
+            &self,
+            _: Request<pb::FlushCacheRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::unimplemented("the fake has no rollout control"))
+        }
+        async fn pause_generation(
+            &self,
+            _: Request<pb::PauseGenerationRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::unimplemented("the fake has no rollout control"))
+        }
+        async fn continue_generation(
+            &self,
+            _: Request<pb::ContinueGenerationRequest>,
+        ) -> Result<Response<pb::ControlResponse>, Status> {
+            Err(Status::unimplemented("the fake has no rollout control"))
+        }
         type GenerateStream = OutStream;
         async fn generate(
             &self,

@@ -249,6 +249,7 @@ impl Infer {
             grammar: prepared.grammar.clone(),
             min_new_tokens: prepared.params.min_new_tokens,
             logit_bias: prepared.params.logit_bias.iter().copied().collect(),
+            return_prompt_logprobs: false,
         };
         let admission = self
             .scheduler
