@@ -36,6 +36,7 @@ import itertools
 import math
 import random
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.logits_process import LogitsProcessorList
 
+from tensorgate.executor.engines import guided_timing
 from tensorgate.executor.engines.cb_penalties import (
     TokenHistory,
     frequency_presence_,
@@ -53,6 +55,7 @@ from tensorgate.executor.engines.cb_penalties import (
     typical_,
 )
 from tensorgate.executor.engines.guided_decoding import GrammarBackend, apply_allowed_
+from tensorgate.executor.engines.guided_timing import GuidedTiming
 
 NO_TICKET = -1
 
@@ -179,9 +182,15 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
     supported_kwargs: dict[str, type] = {"row_spec": RowSpec, "row_state": RowState}  # noqa: RUF012 - transformers' API
     ignored_kwargs: tuple[str, ...] = ()
 
-    def __init__(self, book: LogprobBook, grammar: GrammarBackend | None = None) -> None:
+    def __init__(
+        self,
+        book: LogprobBook,
+        grammar: GrammarBackend | None = None,
+        timing: GuidedTiming | None = None,
+    ) -> None:
         self.book = book
         self.grammar = grammar
+        self.timing = timing  # benchmark-only (guided_timing); None: nothing is timed
         self._tickets = itertools.count()
         # Tickets of the batch being prepared and of the one before: with async batching one
         # batch is prepared ahead of the one computed; older entries are stale and dropped.
@@ -309,17 +318,21 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             matchers.append(st.matcher)
         if not at:
             return changed
+        t0 = time.perf_counter_ns() if self.timing is not None else 0
         allowed = self.grammar.allowed(matchers, sub.device)
         picked = torch.tensor(at, device=sub.device)
         masked = sub.index_select(0, picked)
         apply_allowed_(masked, allowed)
         sub.index_copy_(0, picked, masked)
+        if self.timing is not None:
+            if sub.is_cuda:
+                torch.cuda.synchronize(sub.device)  # the kernels' time, not their launch
+            self.timing.record_step("mask", len(at), time.perf_counter_ns() - t0)
         for j in at:
             changed[j] = True
         return changed
 
-    @staticmethod
-    def _track(final: torch.Tensor, rows) -> None:
+    def _track(self, final: torch.Tensor, rows) -> None:
         """Records each stateful row's chosen token (the argmax of what is returned, which is
         what the manager takes) and ends the request where the grammar says so."""
         stateful = [j for j, r in enumerate(rows) if r[4] is not None]
@@ -328,6 +341,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         best = final[stateful].max(dim=-1)
         chosen = best.indices.tolist()
         top = best.values.tolist()
+        timing, consume_ns, consumed = self.timing, 0, 0
         for k, j in enumerate(stateful):
             st: RowState = rows[j][4]
             request_state = rows[j][5]
@@ -346,12 +360,19 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             m = st.matcher
             if m is None:
                 continue
-            if not m.consume_token(token):
+            t0 = time.perf_counter_ns() if timing is not None else 0
+            ok = m.consume_token(token)
+            if timing is not None:
+                consume_ns += time.perf_counter_ns() - t0
+                consumed += 1
+            if not ok:
                 st.error = f"the grammar matcher failed: {m.get_error()}"
                 _end_after_this_token(request_state)
             elif m.is_stopped():
                 st.done = True
                 _end_after_this_token(request_state)
+        if consumed:
+            timing.record_step("consume", consumed, consume_ns)
 
     def _record(self, rows, specs, final: torch.Tensor, logprobs: torch.Tensor) -> None:
         # The manager takes the argmax of the rows as returned, so this is its choice.
@@ -389,7 +410,8 @@ def build_processor_list(
 ) -> ContinuousBatchingLogitsProcessorList:
     """The manager's processor list, with our sampler as its only processor."""
     plist = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
-    plist.logits_processor = LogitsProcessorList([PerRequestSampler(book, grammar)])
+    timing = guided_timing.from_env() if grammar is not None else None
+    plist.logits_processor = LogitsProcessorList([PerRequestSampler(book, grammar, timing)])
     plist.tensors_required = 1
     plist._retrieve_processors_kwargs()
     plist.do_processing = True

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
 
+from tensorgate.executor.engines import guided_timing
 from tensorgate.v1 import executor_pb2 as pb
 
 log = logging.getLogger("tensorgate.executor.guided")
@@ -65,6 +67,7 @@ class GrammarBackend:
         # Bit i of each int32 word (bit 31 wraps to the sign bit, which `&` reads the same).
         self._bits = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)
         self._bits_on: dict[torch.device, torch.Tensor] = {}
+        self.timing = guided_timing.from_env()  # benchmark-only; None: nothing is timed
 
     @classmethod
     def load(cls, model_dir: Path, vocab_size: int, eos_ids: list[int]) -> GrammarBackend | None:
@@ -83,6 +86,7 @@ class GrammarBackend:
             return None
 
     def matcher(self, grammar: pb.Grammar) -> llguidance.LLMatcher:
+        t0 = time.perf_counter_ns() if self.timing is not None else 0
         kind = _KINDS.get(grammar.kind)
         if kind is None:
             raise GrammarError(f"grammar kind {grammar.kind} is not one this engine knows")
@@ -98,6 +102,8 @@ class GrammarBackend:
         m = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
         if m.is_error():
             raise GrammarError(f"grammar ({kind}): {_first_line(m.get_error())}")
+        if self.timing is not None:
+            self.timing.record_build(time.perf_counter_ns() - t0)
         return m
 
     def allowed(self, matchers: list[llguidance.LLMatcher], device: torch.device) -> torch.Tensor:
