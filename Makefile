@@ -32,11 +32,13 @@ install-test:
 	$(PIP) install $(WHEEL_TOOLS)
 	$(ZIG_ENV) MATURIN_PEP517_ARGS="$(WHEEL_BUILD)" $(PIP) install --no-build-isolation -e '.[test]'
 
+# hadolint by path: `python -m pip` does not refresh pyenv's shims, so a console script it
+# just installed may not be on PATH.
 lint:
 	cargo fmt --check
 	cargo fmt --check --manifest-path router/fuzz/Cargo.toml
 	cargo clippy --all-targets -- -D warnings
-	hadolint Dockerfile_trtllm .devcontainer/Dockerfile
+	$(dir $(PYTHON_EXE))hadolint Dockerfile_trtllm .devcontainer/Dockerfile
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
