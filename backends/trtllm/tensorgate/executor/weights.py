@@ -257,14 +257,29 @@ def _dtype_name(dtype) -> str:
 
 
 def decode_safetensors(data: bytes) -> list[Incoming]:
-    from safetensors.torch import load
+    """Named tensors of a safetensors payload, as read-only views of `data` (no copy: they are
+    copied once, into the model). `data` must outlive them."""
+    import warnings
 
-    safetensors_header(data)  # our checks and messages first
-    try:
-        tensors = load(bytes(data))
-    except Exception as e:  # the header was fine: this is safetensors' own refusal
-        raise ControlInvalid(f"safetensors payload refused: {e}") from None
-    return [Incoming(n, tuple(t.shape), t.dtype, t) for n, t in tensors.items()]
+    import torch
+
+    header = safetensors_header(data)
+    view = memoryview(data)
+    base = 8 + struct.unpack("<Q", view[:8])[0]
+    out = []
+    with warnings.catch_warnings():
+        # "The given buffer is not writable": the views are only ever read.
+        warnings.simplefilter("ignore", UserWarning)
+        for name, e in header.items():
+            dtype = _torch_dtype(e.dtype)
+            n = math.prod(e.shape)
+            if n == 0:
+                t = torch.empty(e.shape, dtype=dtype)
+            else:
+                t = torch.frombuffer(view, dtype=dtype, count=n, offset=base + e.begin)
+                t = t.reshape(e.shape)
+            out.append(Incoming(name, e.shape, dtype, t))
+    return out
 
 
 # -- restricted pickle ---------------------------------------------------------------------------
@@ -285,12 +300,13 @@ def _admitted_cpu() -> dict[tuple[str, str], Any]:
     def rebuild_tensor_v2(
         storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None
     ):
-        if not isinstance(storage, torch.UntypedStorage | torch.storage.TypedStorage):
-            raise ControlInvalid("_rebuild_tensor_v2: its first argument is not a storage")
+        if not isinstance(storage, torch.storage.TypedStorage):
+            raise ControlInvalid("_rebuild_tensor_v2: its first argument is not a typed storage")
         if not (_is_count(storage_offset) and _ints(size) and _ints(stride)):
             raise ControlInvalid("_rebuild_tensor_v2: offset, size and stride must be integers")
         if backward_hooks or metadata:
             raise ControlInvalid("_rebuild_tensor_v2: backward hooks and metadata are refused")
+        _check_bounds(storage.size(), storage_offset, size, stride)
         try:
             return torch._utils._rebuild_tensor_v2(
                 storage,
@@ -340,6 +356,21 @@ def _admitted_ipc() -> dict[tuple[str, str], Any]:
         if isinstance(getattr(torch, name, None), torch.dtype):
             admitted[("torch", name)] = getattr(torch, name)
     return admitted
+
+
+def _check_bounds(storage_elems: int, offset: int, size, stride) -> None:
+    """A view must stay inside its storage: torch does not check it when rebuilding, and a
+    tensor past its storage's end reads (and writes) memory that is not its own."""
+    if len(size) != len(stride) or any(d < 0 for d in size) or any(s < 0 for s in stride):
+        raise ControlInvalid("_rebuild_tensor_v2: size and stride must be non-negative and match")
+    if 0 in size:
+        return
+    last = offset + sum((d - 1) * s for d, s in zip(size, stride, strict=True))
+    if last >= storage_elems:
+        raise ControlInvalid(
+            f"_rebuild_tensor_v2: a view of shape {list(size)} reaches element {last} of a "
+            f"{storage_elems}-element storage"
+        )
 
 
 def _ints(v: object) -> bool:
@@ -572,9 +603,14 @@ def _torch_dtype(name: str):
         "I8": torch.int8,
         "U8": torch.uint8,
         "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16,
+        "U32": torch.uint32,
+        "U64": torch.uint64,
     }
     if name not in table:
-        raise ControlInvalid(f"checkpoint dtype {name} is not supported")
+        raise ControlInvalid(f"safetensors dtype {name} is not supported")
     return table[name]
 
 

@@ -24,6 +24,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
+from tensorgate.executor.control import KV_CACHE, ControlFeatures, ControlResult
 from tensorgate.executor.engine import (
     Emit,
     Engine,
@@ -43,6 +44,7 @@ from tensorgate.executor.engines.cb_sampling import (
     row_spec,
 )
 from tensorgate.executor.engines.guided_decoding import GrammarBackend, GrammarError
+from tensorgate.executor.engines.transformers_control import RolloutControl
 from tensorgate.executor.live_requests import LiveRequests
 from tensorgate.executor.settings import DEFAULT_BLOCK_SIZE, EngineConfig
 from tensorgate.v1 import executor_pb2 as pb
@@ -245,6 +247,10 @@ class TransformersEngine(Engine):
             generation_config=gen_config, continuous_batching_config=cb_config
         )
         self._lock = threading.Lock()  # guards the live table and the counters
+        # Held while a request is handed to the manager: a memory release takes it to close
+        # admission, so no request slips into a manager that is being emptied.
+        self.admission = threading.Lock()
+        self.rollout = RolloutControl(self)
         self.live: LiveRequests[_Live] = LiveRequests(self.counters)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -316,7 +322,8 @@ class TransformersEngine(Engine):
         for r in requests:
             err = check_request(r, self.limits) or check_features(r, self.features)
             if err is None:
-                err = self._add(r)
+                with self.admission:
+                    err = self.rollout.refusal() or self._add(r)
             with self._lock:
                 self.counters.requests_received += 1
                 if err is not None:
@@ -471,6 +478,9 @@ class TransformersEngine(Engine):
             self._emit(batch)
 
     def health(self) -> tuple[bool, str]:
+        if KV_CACHE in self.rollout.released:
+            # Stopped on request, not failed: Info says which tags are released.
+            return True, ""
         fatal = self.manager.background_thread_status.fatal_error
         if fatal is not None:
             return False, f"engine failed: {fatal}"
@@ -497,10 +507,37 @@ class TransformersEngine(Engine):
                 block_size=self.block_size,
             )
 
+    # -- rollout control (transformers_control.py) -----------------------------------------------
+
+    def control_features(self) -> ControlFeatures:
+        return self.rollout.features()
+
+    def released_memory_tags(self) -> list[str]:
+        return self.rollout.released_tags()
+
+    def release_memory(self, tags: list[str]) -> ControlResult:
+        return self.rollout.release(tags)
+
+    def resume_memory(self, tags: list[str]) -> ControlResult:
+        return self.rollout.resume(tags)
+
+    def update_weights(self, request: pb.UpdateWeightsRequest) -> ControlResult:
+        return self.rollout.update(request)
+
+    def flush_cache(self) -> ControlResult:
+        return self.rollout.flush()
+
+    def pause_generation(self) -> ControlResult:
+        return self.rollout.pause()
+
+    def continue_generation(self) -> ControlResult:
+        return self.rollout.resume_generation()
+
     def shutdown(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.rollout.close()
         self._fail_all("the executor is shutting down")
         self.manager.stop(block=True, timeout=10, hard_stop=True)
 
