@@ -1,7 +1,8 @@
 """The trtllm engine's LLM API flavour against the TEST DOUBLE of `tensorrt_llm.LLM`
 (tests/doubles/tensorrt_llm/llmapi; NOT TensorRT-LLM, no GPU): loading a Hugging Face
 checkpoint, per-request SamplingParams, streaming and coalescing, finish reasons, log
-probabilities, cancellation, stats, KV-cache events, guided decoding and the RL hooks."""
+probabilities, cancellation, stats, KV-cache events and guided decoding (rollout control:
+test_rl_control_trtllm.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from conftest import TRTLLM_ENGINES, Collector
 
 from tensorgate.executor.engine import EngineError
 from tensorgate.executor.engines import load_engine
-from tensorgate.executor.engines.trtllm_llmapi import RlHookError, TrtllmLlmApiEngine
+from tensorgate.executor.engines.trtllm_llmapi import TrtllmLlmApiEngine
 from tensorgate.executor.engines.trtllm_llmapi_config import LlmApiSettings
 from tensorgate.executor.settings import EngineConfig, ExecutorSettings
 from tensorgate.launcher.model_source import TRTLLM_EXECUTOR, TRTLLM_LLMAPI, trtllm_flavour
@@ -404,28 +405,6 @@ def test_guided_decoding_behind_its_backend(start, collector, llmapi_double):
     engine = start(LlmApiSettings(guided_decoding_backend="llguidance"))
     run(engine, collector, with_grammar(5, pb.GRAMMAR_KIND_LARK, 'start: "a"'))
     assert sent(llmapi_double).guided_decoding.grammar == 'start: "a"'
-
-
-def test_rl_hooks(start, llmapi_double):
-    engine = start()
-    with pytest.raises(RlHookError, match="--rl-hooks"):
-        engine.release_memory(["kv_cache"])
-    engine = start(LlmApiSettings(rl_hooks=True))
-    llm = llmapi_double.TEST_DOUBLE.llms[-1]
-    assert llm.kwargs["orchestrator_type"] == "ray"
-    extension = llm.kwargs["ray_worker_extension_cls"]
-    assert extension == "tensorrt_llm.llmapi.rlhf_utils.WorkerExtension"
-    engine.release_memory(["model", "kv_cache"])
-    assert llm.sleeping == {"model", "kv_cache"}
-    engine.resume_memory(["model", "kv_cache"])
-    assert llm.sleeping == set()
-    engine.update_weights({llmapi_double.TEST_DOUBLE.device_uuid: [("w", ("f", ()))]})
-    engine.update_weights(None)
-    assert llm.weights_version == 1
-    with pytest.raises(RlHookError, match="not found in ipc_handles"):
-        engine.update_weights({"GPU-other": []})
-    methods = [m for m, _ in llmapi_double.TEST_DOUBLE.rpc_calls]
-    assert methods == ["sleep", "wakeup", "update_weights", "update_weights", "update_weights"]
 
 
 def test_shutdown_ends_live_requests(llmapi_double, ckpt):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from tensorgate.executor.control import ControlUnsupported
 from tensorgate.executor.engine import (
     Emit,
     Engine,
@@ -685,6 +686,15 @@ class TrtllmEngine(Engine):
             self._emit(batch)
 
     # -- health, stats, shutdown ----------------------------------------------------------------
+
+    def _unsupported(self, what: str) -> ControlUnsupported:
+        # Rollout control: every control RPC answers UNIMPLEMENTED with this reason.
+        return ControlUnsupported(
+            f"the trtllm engine on an engine directory cannot {what}: a TensorRT engine's "
+            "weights are compiled into it (trtllm-build) and its executor API has no sleep or "
+            "weight-update call; serve the Hugging Face checkpoint instead (the LLM API "
+            "flavour, with --rl-hooks)"
+        )
 
     def health(self) -> tuple[bool, str]:
         if self._fatal is not None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from tensorgate.executor.control import ControlFeatures, ControlResult
 from tensorgate.executor.engine import (
     Emit,
     Engine,
@@ -52,6 +53,7 @@ from tensorgate.executor.engines.trtllm_llmapi_config import (
     llm_kwargs,
     read_checkpoint,
 )
+from tensorgate.executor.engines.trtllm_llmapi_control import LlmApiControl
 from tensorgate.executor.engines.trtllm_llmapi_request import (
     LiveRequest,
     RequestMappingError,
@@ -69,10 +71,6 @@ log = logging.getLogger("tensorgate.executor.trtllm_llmapi")
 STATS_POLL_S = 0.25
 WARMUP_TIMEOUT_S = 600.0
 KV_EVENTS_KEPT = 100_000
-
-
-class RlHookError(EngineError):
-    """An RL control call that cannot run (hooks off, or TensorRT-LLM refused it)."""
 
 
 def import_llmapi() -> ModuleType:
@@ -154,6 +152,7 @@ class TrtllmLlmApiEngine(Engine):
         self._stop = threading.Event()
         self._shut = False
         self._fatal: str | None = None
+        self.rollout = LlmApiControl(self)
         try:
             self._warm_up()
         except Exception:
@@ -276,8 +275,9 @@ class TrtllmLlmApiEngine(Engine):
         with self._lock:
             self.counters.requests_received += len(requests)
             self.counters.requests_failed += len(errors.outputs)
-            if self._shut or self._fatal or self._loop is None:
-                reason = self._fatal or "the executor is shutting down"
+            asleep = self.rollout.refusal()
+            if self._shut or self._fatal or self._loop is None or asleep:
+                reason = self._fatal or asleep or "the executor is shutting down"
                 for r, _ in ready:
                     add_finished(errors, r.id, pb.FINISH_REASON_ERROR, reason)
                 self.counters.requests_failed += len(ready)
@@ -515,34 +515,43 @@ class TrtllmLlmApiEngine(Engine):
                 block_size=per_block,
             )
 
-    # -- RL hooks (rollouts) --------------------------------------------------------------------
+    # -- rollout control (trtllm_llmapi_control.py) ---------------------------------------------
 
-    def _rpc(self, method: str, *args: object) -> list:
-        if not self.settings.rl_hooks:
-            raise RlHookError(
-                f"{method} needs the executor started with --rl-hooks (TensorRT-LLM's Ray "
-                "orchestrator with its RL worker extension)"
-            )
-        try:
-            # LLM._collective_rpc(method, args=...): llm.py; the worker methods are
-            # rlhf_utils.WorkerExtension's and the Ray worker's.
-            return self._llm._collective_rpc(method, args=args)
-        except Exception as e:
-            raise RlHookError(f"TensorRT-LLM refused {method}: {e}") from None
+    def control_features(self) -> ControlFeatures:
+        return self.rollout.features()
 
-    def release_memory(self, tags: list[str]) -> None:
-        """Frees GPU memory by tag ("model", "kv_cache"): the Ray worker's `sleep(tags)`."""
-        self._rpc("sleep", list(tags))
+    def released_memory_tags(self) -> list[str]:
+        return sorted(self.rollout.released)
 
-    def resume_memory(self, tags: list[str]) -> None:
-        """Brings tagged memory back: the Ray worker's `wakeup(tags)`."""
-        self._rpc("wakeup", list(tags))
+    def release_memory(self, tags: list[str]) -> ControlResult:
+        return self.rollout.release(tags)
 
-    def update_weights(self, ipc_handles: dict | None) -> None:
-        """`WorkerExtension.update_weights`: a dict of device UUID -> (name, tensor handle)
-        list loads those weights; None finalises the update (post-load processing, prefix cache
-        reset), as a trainer does after its last bucket."""
-        self._rpc("update_weights", ipc_handles)
+    def resume_memory(self, tags: list[str]) -> ControlResult:
+        return self.rollout.resume(tags)
+
+    def update_weights(self, request: pb.UpdateWeightsRequest) -> ControlResult:
+        return self.rollout.update(request)
+
+    def flush_cache(self) -> ControlResult:
+        return self.rollout.flush()
+
+    def pause_generation(self) -> ControlResult:
+        return self.rollout.pause()
+
+    def continue_generation(self) -> ControlResult:
+        return self.rollout.resume_generation()
+
+    def end_live(self, message: str) -> None:
+        """Ends every live request with `message` and aborts it in TensorRT-LLM."""
+        batch = pb.IterationOutput()
+        with self._lock:
+            failed = self.live.fail_all(message, batch)
+        if batch.outputs and self._emit is not None:
+            self._emit(batch)
+        if self._loop is not None:
+            for _, live in failed:
+                if live.result is not None:
+                    self._loop.call_soon_threadsafe(_abort, live.result)
 
     # -- health, shutdown -----------------------------------------------------------------------
 

@@ -32,10 +32,18 @@ that still has both backends, unless said otherwise):
 - `_collective_rpc(method, args, kwargs, non_block, unique_reply_rank)` runs a worker
   extension method on every rank and returns their results; without the Ray orchestrator it is
   a ValueError ("does not support collective RPC": `_TorchLLM._collective_rpc`); the extension
-  is `rlhf_utils.WorkerExtension` (`update_weights(ipc_handles)`: a device UUID missing from
-  the handles is a ValueError; `update_weights(None)` finalises and resets the prefix cache)
-  plus the Ray worker's `sleep(tags)` / `wakeup(tags)`, which need `enable_sleep=True`
-  (`tensorrt_llm/executor/ray_gpu_worker.py`: "Sleep feature is not enabled ...");
+  is `rlhf_utils.WorkerExtension` (`tensorrt_llm/llmapi/rlhf_utils.py`):
+  `update_weights(ipc_handles)`: a device UUID missing from the handles is a ValueError ("Device
+  UUID ... not found in ipc_handles"); a str value is base64 of a pickle, read by TensorRT-LLM's
+  restricted unpickler (`serialization.loads`), which must give a list ("Deserialized data must
+  be a list, got ... instead") of (name, (func, args)); `update_weights(None)` finalises and
+  resets the prefix cache; `reset_prefix_cache()`; plus the Ray worker's `sleep(tags)` /
+  `wakeup(tags)` (`tensorrt_llm/executor/ray_gpu_worker.py`), which need `enable_sleep=True`
+  ("Sleep feature is not enabled ...") and refuse a tag that is not an ExecutorMemoryType
+  ("Unknown memory tag ...", `verify_sleep_wakeup_tags`, `tensorrt_llm/_torch/
+  virtual_memory.py`). Each runs under `control_action_decorator` (`tensorrt_llm/_ray_utils.py`):
+  in-flight requests are drained first (the double waits for them, at most
+  `TEST_DOUBLE.drain_timeout_s`, then raises, where TensorRT-LLM would wait on);
 - `shutdown()` stops it; a second call does nothing (`BaseLLM.shutdown`).
 
 NOT reproduced: any model (tokens are a deterministic function of the prompt and step), CUDA,
@@ -45,8 +53,11 @@ the exact wording of most error messages. Test-only knobs live in `TEST_DOUBLE`.
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import json
+import pickle
 import threading
 import time
 from collections import deque
@@ -58,6 +69,37 @@ from tensorrt_llm.executor.result import GenerationResult, Step
 from tensorrt_llm.sampling_params import SamplingParams
 
 IS_TEST_DOUBLE = True
+
+# ExecutorMemoryType's values (tensorrt_llm/_torch/virtual_memory.py, the release with
+# MODEL_WEIGHTS_MAIN), what verify_sleep_wakeup_tags accepts.
+EXECUTOR_MEMORY_TYPES = (
+    "sampler",
+    "drafter",
+    "guided_decoder",
+    "spec_resource_manager",
+    "_no_capture_init_kv_cache",
+    "_no_capture_init_extra_resources",
+    "model_extra",
+    "executor_extra",
+    "kv_cache",
+    "model",
+    "draft_model",
+    "model_weights",
+    "draft_model_weights",
+)
+
+
+class _IpcUnpickler(pickle.Unpickler):
+    """TensorRT-LLM's serialization.loads as update_weights calls it: approved imports only
+    (the CUDA IPC rebuild and the torch types its arguments name)."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.multiprocessing.reductions" and name == "rebuild_cuda_tensor":
+            return super().find_class(module, name)
+        if module in ("torch", "torch.storage", "torch._tensor"):
+            return super().find_class(module, name)
+        raise ValueError(f"Import {module} | {name} is not allowed")
+
 
 # LlmArgs fields the double knows (a subset of TorchLlmArgs.model_fields).
 _VALID_KWARGS = {
@@ -92,6 +134,7 @@ class DoubleSettings:
     # (prompt, SamplingParams) of every generate_async, for assertions
     requests: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     rpc_calls: list[tuple[str, tuple]] = field(default_factory=list)
+    drain_timeout_s: float = 5.0
 
 
 TEST_DOUBLE = DoubleSettings()
@@ -151,6 +194,8 @@ class LLM:
         self.ray = kwargs.get("orchestrator_type") == "ray"
         self.sleeping: set[str] = set()
         self.weights_version = 0
+        self.loaded_names: list[str] = []  # names of every handle update_weights received
+        self.prefix_cache_resets = 0
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._waiting: deque[_Live] = deque()
@@ -181,6 +226,11 @@ class LLM:
         if not isinstance(sp, SamplingParams):
             raise TypeError(
                 f"The sampling_params must be type SamplingParams or None, but got {type(sp)}"
+            )
+        if self.sleeping:
+            # TensorRT-LLM would run on released memory; the double says so loudly.
+            raise RuntimeError(
+                f"TEST DOUBLE: generate_async while sleeping {sorted(self.sleeping)}"
             )
         prompt = list(inputs)
         if not self.chunked and len(prompt) > self.max_num_tokens:
@@ -240,26 +290,62 @@ class LLM:
 
     # -- worker extension (rlhf_utils.WorkerExtension and the Ray worker) --------------------------
 
-    def _rpc_sleep(self, tags: list[str]) -> None:
+    def _control_action(self) -> None:
+        """control_action_decorator: in-flight requests finish before the action runs."""
+        deadline = time.monotonic() + TEST_DOUBLE.drain_timeout_s
+        with self._lock:
+            while self._waiting or self._active:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "TEST DOUBLE: control action still draining in-flight requests "
+                        "(TensorRT-LLM would wait for them)"
+                    )
+                self._lock.wait(0.01)
+
+    def _check_sleep(self, tags: list[str]) -> None:
         if not self.kwargs.get("enable_sleep"):
             raise ValueError(
                 "Sleep feature is not enabled, please set enable_sleep=True in the LLM arguments."
             )
+        for tag in tags:
+            if tag not in EXECUTOR_MEMORY_TYPES:
+                raise ValueError(
+                    f"Unknown memory tag '{tag}'.Valid tags are: {list(EXECUTOR_MEMORY_TYPES)}"
+                )
+
+    def _rpc_sleep(self, tags: list[str]) -> None:
+        self._check_sleep(tags)
+        self._control_action()
         self.sleeping |= set(tags)
 
     def _rpc_wakeup(self, tags: list[str]) -> None:
-        if not self.kwargs.get("enable_sleep"):
-            raise ValueError(
-                "Sleep feature is not enabled, please set enable_sleep=True in the LLM arguments."
-            )
+        self._check_sleep(tags)
+        self._control_action()
         self.sleeping -= set(tags)
 
     def _rpc_update_weights(self, ipc_handles: dict | None = None) -> None:
+        self._control_action()
         if ipc_handles is None:
             self.weights_version += 1  # finalise: post-load processing, prefix cache reset
+            self.prefix_cache_resets += 1
             return
         if TEST_DOUBLE.device_uuid not in ipc_handles:
             raise ValueError(f"Device UUID {TEST_DOUBLE.device_uuid} not found in ipc_handles")
+        handles = ipc_handles[TEST_DOUBLE.device_uuid]
+        if isinstance(handles, str):
+            handles = _IpcUnpickler(io.BytesIO(base64.b64decode(handles))).load()
+            if not isinstance(handles, list):
+                raise ValueError(
+                    f"Deserialized data must be a list, got {type(handles).__name__} instead"
+                )
+        for name, (func, args) in handles:
+            # The worker calls func(*args) with args[6] = its device; no CUDA here.
+            assert callable(func) and len(args) == 15
+            self.loaded_names.append(name)
+
+    def _rpc_reset_prefix_cache(self) -> None:
+        self._control_action()
+        self.prefix_cache_resets += 1
 
     # -- the simulation ---------------------------------------------------------------------
 
