@@ -274,6 +274,14 @@ class FakeMatcher:
 
 
 class FakeGrammar:
+    """GrammarBackend's interface to the sampler, with no worker: masks are made on demand."""
+
+    def wait(self) -> None:
+        pass
+
+    def prefetch(self, matchers) -> None:
+        pass
+
     def allowed(self, matchers, device):
         mask = torch.zeros(len(matchers), 64, dtype=torch.bool)
         for i, m in enumerate(matchers):

@@ -9,6 +9,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 from conftest import Collector
 
 from tensorgate.executor.engines.guided_decoding import GrammarBackend, GrammarError
@@ -195,3 +196,31 @@ def test_constrained_rows_in_one_batch_each_get_their_own_mask(engine, collector
     for r, p, tokens in zip(requests, patterns, outputs, strict=True):
         assert collector.finish[r.id] == pb.FINISH_REASON_STOP_TOKEN, collector.errors[r.id]
         assert re.fullmatch(p, text(tokenizer, tokens)), (p, text(tokenizer, tokens))
+
+
+def test_masks_computed_ahead_are_the_masks_computed_in_the_step(tokenizer):
+    # Its own backend: the engine's worker and pending masks are the engine's.
+    backend = GrammarBackend(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    schema = pb.Grammar(kind=pb.GRAMMAR_KIND_JSON_SCHEMA, value=json.dumps(PERSON))
+    starts = ['{"name": "Al', '{"name": "Bob", "age": 4', "{"]
+
+    def matchers():
+        out = []
+        for start in starts:
+            m = backend.matcher(schema)
+            assert m.consume_tokens(tokenizer.encode(start, add_special_tokens=False))
+            out.append(m)
+        return out
+
+    ahead, fresh = matchers(), matchers()
+    want = backend.allowed(fresh, torch.device("cpu"))
+    # Different masks per row, or the test could not see rows mixed up.
+    assert not torch.equal(want[0], want[1]) and not torch.equal(want[1], want[2])
+    backend.prefetch(ahead)
+    assert torch.equal(backend.allowed(ahead, torch.device("cpu")), want)
+    # Some rows ahead, one not, in another order: each row still gets its own mask.
+    backend.prefetch(ahead[:2])
+    got = backend.allowed([ahead[2], ahead[1], ahead[0]], torch.device("cpu"))
+    assert torch.equal(got, want[[2, 1, 0]])
+    # A mask computed ahead serves one step: the next asks the matchers again.
+    assert backend._pending is None

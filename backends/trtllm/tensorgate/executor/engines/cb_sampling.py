@@ -238,8 +238,14 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         device = scores.device
         vocab = scores.size(1)
         specs = [r[3] for r in rows]
-        index = torch.tensor([r[0] for r in rows], device=device)
-        sub = scores.index_select(0, index).float()
+        # Every row of the batch registered (a batch of constrained requests, say): the rows
+        # are 0..n-1 in order, and one copy of the scores is all this call makes.
+        whole = len(rows) == scores.size(0)
+        index = None if whole else torch.tensor([r[0] for r in rows], device=device)
+        if whole:
+            sub = scores.clone() if scores.dtype == torch.float32 else scores.float()
+        else:
+            sub = scores.index_select(0, index).float()
         # Rows whose logits this call changes, to be copied back; the others (greedy rows that
         # only want logprobs) keep the raw scores, whose argmax is the manager's choice.
         changed = [self._adjust(sub[j], r, vocab) for j, r in enumerate(rows)]
@@ -272,6 +278,10 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         picked = [j for j, c in enumerate(changed) if c or specs[j].do_sample]
         if not picked:
             return scores  # greedy rows only: the manager's argmax of the raw scores stands
+        if whole and len(picked) == len(rows):
+            return sub.to(scores.dtype)
+        if whole:
+            index = torch.arange(len(rows), device=device)
         at = torch.tensor(picked, device=device)
         return scores.index_copy(0, index[at], sub[at].to(scores.dtype))
 
@@ -305,6 +315,8 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
 
     def _mask_grammar(self, sub: torch.Tensor, rows, changed: list[bool]) -> list[bool]:
         assert self.grammar is not None
+        t0 = time.perf_counter_ns() if self.timing is not None else 0
+        self.grammar.wait()  # the worker may still be reading matchers (masks ahead)
         at: list[int] = []
         matchers = []
         for j, r in enumerate(rows):
@@ -318,12 +330,14 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             matchers.append(st.matcher)
         if not at:
             return changed
-        t0 = time.perf_counter_ns() if self.timing is not None else 0
         allowed = self.grammar.allowed(matchers, sub.device)
-        picked = torch.tensor(at, device=sub.device)
-        masked = sub.index_select(0, picked)
-        apply_allowed_(masked, allowed)
-        sub.index_copy_(0, picked, masked)
+        if len(at) == sub.size(0):
+            apply_allowed_(sub, allowed)
+        else:
+            picked = torch.tensor(at, device=sub.device)
+            masked = sub.index_select(0, picked)
+            apply_allowed_(masked, allowed)
+            sub.index_copy_(0, picked, masked)
         if self.timing is not None:
             if sub.is_cuda:
                 torch.cuda.synchronize(sub.device)  # the kernels' time, not their launch
@@ -338,10 +352,13 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         stateful = [j for j, r in enumerate(rows) if r[4] is not None]
         if not stateful:
             return
-        best = final[stateful].max(dim=-1)
+        best = (final if len(stateful) == final.size(0) else final[stateful]).max(dim=-1)
         chosen = best.indices.tolist()
         top = best.values.tolist()
         timing, consume_ns, consumed = self.timing, 0, 0
+        if self.grammar is not None:
+            self.grammar.wait()  # no matcher is consumed while the worker reads it
+        ahead = []  # matchers that go on: their next masks are computed while the model runs
         for k, j in enumerate(stateful):
             st: RowState = rows[j][4]
             request_state = rows[j][5]
@@ -371,8 +388,12 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             elif m.is_stopped():
                 st.done = True
                 _end_after_this_token(request_state)
+            else:
+                ahead.append(m)
         if consumed:
             timing.record_step("consume", consumed, consume_ns)
+        if self.grammar is not None:
+            self.grammar.prefetch(ahead)
 
     def _record(self, rows, specs, final: torch.Tensor, logprobs: torch.Tensor) -> None:
         # The manager takes the argmax of the rows as returned, so this is its choice.

@@ -9,6 +9,15 @@ built or that enters its error state ends its own request only.
 The mask is applied with plain tensor ops rather than llguidance's
 `apply_token_bitmask_inplace`: that one is `torch.compile`d, which compiles on first use
 (seconds, and a C compiler on CPU) inside the engine's step.
+
+Off the critical path: once a step's tokens are consumed, the matchers' masks for the next step
+are computed on a worker thread (llguidance's own threads, without the GIL) while the engine
+hands the outputs on and runs the next forward pass; the next step only waits for what is not
+done yet. A request's first step (no mask computed ahead) is computed in the step. Each
+distinct grammar source is converted once (JSON schema to llguidance's grammar, a few ms on
+the event loop with the GIL held); each request still gets its own matcher, whose lexer is its
+own, so the batch's masks are computed in parallel (matchers copied from one template would
+share one lexer behind one lock).
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,6 +61,21 @@ _KINDS = {
 # value; the router's tool grammars use the same options.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
+# Distinct grammar sources kept converted (a few KB each).
+SOURCE_CACHE = 256
+
+
+class _Prefetch:
+    """Masks being computed for the next step: row i of `bitmask` is `matchers[i]`'s."""
+
+    __slots__ = ("bitmask", "done", "matchers", "rows")
+
+    def __init__(self, matchers: list, bitmask: torch.Tensor, done: Future) -> None:
+        self.matchers = matchers  # held: the ids in `rows` stay theirs
+        self.rows = {id(m): i for i, m in enumerate(matchers)}
+        self.bitmask = bitmask
+        self.done = done
+
 
 class GrammarBackend:
     """llguidance over the served tokenizer: builds matchers and fills their masks."""
@@ -68,6 +94,9 @@ class GrammarBackend:
         self._bits = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)
         self._bits_on: dict[torch.device, torch.Tensor] = {}
         self.timing = guided_timing.from_env()  # benchmark-only; None: nothing is timed
+        self._sources: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        self._pending: _Prefetch | None = None
 
     @classmethod
     def load(cls, model_dir: Path, vocab_size: int, eos_ids: list[int]) -> GrammarBackend | None:
@@ -90,15 +119,7 @@ class GrammarBackend:
         kind = _KINDS.get(grammar.kind)
         if kind is None:
             raise GrammarError(f"grammar kind {grammar.kind} is not one this engine knows")
-        try:
-            if kind == "json_schema":
-                source = llguidance.LLMatcher.grammar_from_json_schema(
-                    grammar.value, defaults=JSON_DEFAULTS
-                )
-            else:
-                source = llguidance.grammar_from(kind, grammar.value)
-        except ValueError as e:
-            raise GrammarError(f"grammar ({kind}): {e}") from None
+        source = self._source(kind, grammar.value)
         m = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
         if m.is_error():
             raise GrammarError(f"grammar ({kind}): {_first_line(m.get_error())}")
@@ -106,21 +127,87 @@ class GrammarBackend:
             self.timing.record_build(time.perf_counter_ns() - t0)
         return m
 
-    def allowed(self, matchers: list[llguidance.LLMatcher], device: torch.device) -> torch.Tensor:
-        """The tokens each matcher allows next, as a bool tensor [len(matchers), vocab]."""
+    def _source(self, kind: str, value: str) -> str:
+        """llguidance's grammar for a source, converted once per distinct source."""
+        key = (kind, value)
+        source = self._sources.get(key)
+        if source is not None:
+            self._sources.move_to_end(key)
+            return source
+        try:
+            if kind == "json_schema":
+                source = llguidance.LLMatcher.grammar_from_json_schema(
+                    value, defaults=JSON_DEFAULTS
+                )
+            else:
+                source = llguidance.grammar_from(kind, value)
+        except ValueError as e:
+            raise GrammarError(f"grammar ({kind}): {e}") from None
+        self._sources[key] = source
+        if len(self._sources) > SOURCE_CACHE:
+            self._sources.popitem(last=False)
+        return source
+
+    def _fill(self, pairs: list[tuple[llguidance.LLMatcher, int]], bitmask: torch.Tensor) -> None:
+        if len(pairs) > 1:
+            # One call for the batch: llguidance computes the masks in its own threads, without
+            # the GIL. One row is done on the calling thread: no hop to the pool.
+            llg_torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
+        else:
+            for m, i in pairs:
+                llg_torch.fill_next_token_bitmask(m, bitmask, i)
+
+    def _fill_timed(self, pairs, bitmask: torch.Tensor) -> None:
+        t0 = time.perf_counter_ns()
+        self._fill(pairs, bitmask)
+        if self.timing is not None:
+            self.timing.record_step("prefetch", len(pairs), time.perf_counter_ns() - t0)
+
+    def wait(self) -> None:
+        """Returns once no matcher is being read by the worker: call it before touching any
+        matcher in the engine's thread (a matcher in use there cannot be borrowed)."""
+        if self._pending is not None:
+            self._pending.done.exception()  # waits; a failure is seen (and redone) by allowed()
+
+    def prefetch(self, matchers: list[llguidance.LLMatcher]) -> None:
+        """Starts computing these matchers' next masks on the worker, replacing what was
+        pending. Call it right after the step's tokens are consumed, and consume nothing before
+        the next `allowed`: a mask computed before a matcher's last token would be wrong."""
+        self.wait()
+        self._pending = None
+        if not matchers:
+            return
+        bitmask = torch.empty(len(matchers), self.words, dtype=torch.int32)
+        pairs = [(m, i) for i, m in enumerate(matchers)]
+        fill = self._fill_timed if self.timing is not None else self._fill
+        self._pending = _Prefetch(matchers, bitmask, self._worker.submit(fill, pairs, bitmask))
+
+    def _bitmask_for(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
+        """The matchers' next masks as int32 words [n, words], from the prefetch where it has
+        them, computed here for the rest (a request's first step, a failed prefetch)."""
         n = len(matchers)
+        pending, self._pending = self._pending, None
+        hits: list[int | None] = [None] * n
+        if pending is not None and pending.done.exception() is None:
+            hits = [pending.rows.get(id(m)) for m in matchers]
+            if hits == list(range(len(pending.matchers))):
+                return pending.bitmask  # the same rows in the same order: the common case
         if self._bitmask.size(0) < n:
             self._bitmask = llg_torch.allocate_token_bitmask(n, self.tokenizer.vocab_size)
         bitmask = self._bitmask[:n]
-        if n > 1:
-            # One call for the whole batch: llguidance computes the masks in its own threads,
-            # without the GIL. One row is done on this thread: no hop to the pool.
-            llg_torch.fill_next_token_bitmask_par(
-                self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask
-            )
-        else:
-            for i, m in enumerate(matchers):
-                llg_torch.fill_next_token_bitmask(m, bitmask, i)
+        have = [(i, h) for i, h in enumerate(hits) if h is not None]
+        if have:
+            to, src = zip(*have, strict=True)
+            bitmask[list(to)] = pending.bitmask[list(src)]
+        missing = [(m, i) for i, m in enumerate(matchers) if hits[i] is None]
+        if missing:
+            self._fill(missing, bitmask)
+        return bitmask
+
+    def allowed(self, matchers: list[llguidance.LLMatcher], device: torch.device) -> torch.Tensor:
+        """The tokens each matcher allows next, as a bool tensor [len(matchers), vocab]."""
+        n = len(matchers)
+        bitmask = self._bitmask_for(matchers)
         bits_on = self._bits_on.get(device)
         if bits_on is None:
             bits_on = self._bits_on[device] = self._bits.to(device)

@@ -12,6 +12,8 @@ What is timed, on the CB thread unless said otherwise:
   device, expanding them and masking the rows (on CUDA the timer synchronizes the device after
   the masking, so the kernels' time is in it; the step synchronizes right after anyway);
 - `consume`: feeding the chosen tokens to the matchers;
+- `prefetch`: computing the next step's masks ahead, on the grammar's worker thread (off the
+  step's path: the `mask` of the next step includes only the wait for what is not done);
 - `build`: making a request's matcher from its grammar (where `submit` runs: the executor's
   event loop).
 Per step they are recorded whole (`*_step`) and per row (the step's time over its constrained
@@ -64,7 +66,15 @@ class Histogram:
 
 
 class GuidedTiming:
-    NAMES = ("mask_row", "mask_step", "consume_row", "consume_step", "build")
+    NAMES = (
+        "mask_row",
+        "mask_step",
+        "consume_row",
+        "consume_step",
+        "prefetch_row",
+        "prefetch_step",
+        "build",
+    )
 
     def __init__(self, path: Path, interval_s: float = 0.5) -> None:
         self.path = path
@@ -75,7 +85,8 @@ class GuidedTiming:
         threading.Thread(target=self._writer, name="guided-timing", daemon=True).start()
 
     def record_step(self, kind: str, rows: int, ns: int) -> None:
-        """A step's `kind` ("mask" or "consume") work over `rows` constrained rows."""
+        """A step's `kind` ("mask", "consume" or "prefetch") work over `rows` constrained
+        rows."""
         self.hist[f"{kind}_step"].add(ns)
         self.hist[f"{kind}_row"].add(ns // rows, rows)
         self._version += 1
