@@ -14,7 +14,9 @@ import grpc
 import pytest
 from test_server import Stream, connect, request
 
+from tensorgate.executor.engine import Engine
 from tensorgate.executor.engines import load_engine
+from tensorgate.executor.engines.synthetic import SyntheticEngine
 from tensorgate.executor.server import serve
 from tensorgate.executor.settings import EngineConfig, ExecutorSettings
 from tensorgate.v1 import executor_pb2 as pb
@@ -236,3 +238,38 @@ def test_a_cancel_while_paused_still_ends_the_request(executor):
 def test_flush_cache_says_there_is_none(executor):
     stub, _ = executor
     assert "no prefix cache" in stub.FlushCache(pb.FlushCacheRequest()).message
+
+
+class _NoMemoryControl(SyntheticEngine):
+    """The base Engine's release (what an engine without the feature answers) and an update
+    that breaks inside the engine: the status codes the server maps them to."""
+
+    release_memory = Engine.release_memory
+
+    def update_weights(self, request):
+        raise RuntimeError("device lost")
+
+
+def test_unimplemented_and_internal_failures_are_named(tmp_path):
+    sock = tmp_path / "executor.sock"
+    engine = _NoMemoryControl(iteration_ms=5, max_batch_size=2, vocab_size=100)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(serve(engine, sock, None, stop),), daemon=True
+    )
+    thread.start()
+    channel = connect(sock)
+    stub = pb_grpc.ExecutorStub(channel)
+    try:
+        code, details = code_of(lambda: stub.ReleaseMemory(pb.MemoryRequest()))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+        assert details == "the synthetic engine cannot release memory"
+        code, details = code_of(lambda: stub.UpdateWeights(pb.UpdateWeightsRequest(finalize=True)))
+        assert code == grpc.StatusCode.INTERNAL
+        assert details == "UpdateWeights failed in the synthetic engine: RuntimeError: device lost"
+        assert generate(stub, 1)[0] == pb.FINISH_REASON_LENGTH, "the executor still serves"
+    finally:
+        channel.close()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=20)

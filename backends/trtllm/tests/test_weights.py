@@ -1,7 +1,7 @@
-"""Weight payloads (executor/weights.py): the restricted unpickler refuses every global but the
-tensor-rebuild functions, safetensors headers are checked before any tensor is read, CUDA IPC
-buckets are checked without opening a handle, and the check against the model lists every
-problem and passes nothing half-way."""
+"""Weight payloads (executor/weights.py, weights_pickle.py): the restricted unpickler refuses
+every global but the tensor-rebuild functions, safetensors headers are checked before any tensor
+is read, CUDA IPC buckets are checked without opening a handle, and the check against the model
+lists every problem and passes nothing half-way."""
 
 from __future__ import annotations
 
@@ -20,15 +20,13 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
 from tensorgate.executor.control import ControlInvalid
 from tensorgate.executor.weights import (
-    IpcHandle,
     ModelTensors,
     check_tied,
-    decode_cuda_ipc,
-    decode_pickle,
     decode_safetensors,
     plan,
     safetensors_header,
 )
+from tensorgate.executor.weights_pickle import IpcHandle, decode_cuda_ipc, decode_pickle
 
 BIG = 1 << 30
 

@@ -48,13 +48,12 @@ from tensorgate.executor.weights import (
     ModelTensors,
     check_tied,
     checkpoint_files,
-    decode_cuda_ipc,
-    decode_pickle,
     decode_safetensors,
     load_lazy,
     plan,
     read_checkpoint_headers,
 )
+from tensorgate.executor.weights_pickle import decode_cuda_ipc, decode_pickle
 from tensorgate.v1 import executor_pb2 as pb
 
 log = logging.getLogger("tensorgate.executor.transformers")
@@ -244,6 +243,11 @@ class RolloutControl:
             if KV_CACHE in new:
                 self._stop_manager()
         except BaseException:
+            # Back to serving as before: weights already moved out come back first.
+            if MODEL in new and self._offloaded is not None:
+                with self._quiet():
+                    self._offloaded.restore()
+                self._offloaded = None
             with self.engine.admission:
                 self.released = self.released - set(new)
             raise
@@ -357,9 +361,11 @@ class RolloutControl:
             )
         started = time.monotonic()
         if source == "finalize":
-            flushed = self.flush().message
+            # The version moves while the loop is parked: the next step's outputs carry it.
+            with self._quiet():
+                flushed = self.flush().message
+                version = self.engine.versions.advance(req.weight_version)
             buckets, self._buckets = self._buckets, 0
-            version = self.engine.versions.advance(req.weight_version)
             return ControlResult(
                 message=f"finalized {buckets} bucket(s): weights now {version!r}; {flushed}"
             )
@@ -373,20 +379,25 @@ class RolloutControl:
                 tensors_updated=written,
             )
         if source == "tensors":
-            written = self._from_tensors(req.tensors, tensors)
+            pairs = self._from_tensors(req.tensors, tensors)
         else:
-            written = self._from_disk(req.model_path, tensors)
+            pairs = self._from_disk(req.model_path, tensors)
+        # Weights, cache and version change in one pause: no step sees a mix, and the first
+        # step on the new weights already reports their version.
         note = ""
-        if req.flush_cache:
-            note = "; " + self.flush().message
-        version = self.engine.versions.advance(req.weight_version)
+        with self._quiet():
+            written = self._write(pairs)
+            if req.flush_cache:
+                note = "; " + self.flush().message
+            version = self.engine.versions.advance(req.weight_version)
         return ControlResult(
             message=f"{written} tensor(s) written from {source} in {_ms(started)}: weights now "
             f"{version!r}{note}",
             tensors_updated=written,
         )
 
-    def _from_tensors(self, st: pb.SerializedTensors, tensors: ModelTensors) -> int:
+    def _from_tensors(self, st: pb.SerializedTensors, tensors: ModelTensors) -> list:
+        """The checked (target, value) pairs of serialized tensors."""
         fmt = st.format or "safetensors"
         if fmt not in ("safetensors", "pickle"):
             raise ControlInvalid(f"tensors.format {fmt!r}: use safetensors or pickle")
@@ -407,15 +418,14 @@ class RolloutControl:
                 incoming += decode_safetensors(p)
             else:
                 incoming += decode_pickle(p, budget=limit)
-        pairs = check_tied(plan(tensors, incoming), tensors)
-        return self._write(pairs)
+        return check_tied(plan(tensors, incoming), tensors)
 
-    def _from_disk(self, path: str, tensors: ModelTensors) -> int:
+    def _from_disk(self, path: str, tensors: ModelTensors) -> list:
+        """The checked (target, value) pairs of a checkpoint directory, read from disk."""
         incoming = read_checkpoint_headers(checkpoint_files(path))
         # A checkpoint is the whole model; its dtype is cast as at load (bf16 files, fp32 CPU).
         pairs = plan(tensors, incoming, complete=True, cast=True)
-        pairs = check_tied(load_lazy(pairs), tensors)
-        return self._write(pairs)
+        return check_tied(load_lazy(pairs), tensors)
 
     def _from_cuda_ipc(self, weights: pb.CudaIpcWeights, tensors: ModelTensors) -> int:
         device = self.engine.device

@@ -43,7 +43,7 @@ from tensorgate.executor.control import (
     ControlUnsupported,
     update_source,
 )
-from tensorgate.executor.weights import decode_cuda_ipc
+from tensorgate.executor.weights_pickle import decode_cuda_ipc
 from tensorgate.v1 import executor_pb2 as pb
 
 log = logging.getLogger("tensorgate.executor.trtllm_llmapi")
