@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import Collector
 
+from tensorgate.executor.engines import guided_decoding
 from tensorgate.executor.engines.guided_decoding import GrammarBackend, GrammarError
 from tensorgate.executor.engines.transformers_engine import TransformersEngine, TransformersSettings
 from tensorgate.models.embedded import ensure_embedded_model
@@ -198,9 +199,13 @@ def test_constrained_rows_in_one_batch_each_get_their_own_mask(engine, collector
         assert re.fullmatch(p, text(tokenizer, tokens)), (p, text(tokenizer, tokens))
 
 
-def test_masks_computed_ahead_are_the_masks_computed_in_the_step(tokenizer):
-    # Its own backend: the engine's worker and pending masks are the engine's.
-    backend = GrammarBackend(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+@pytest.fixture(scope="module")
+def backend(tokenizer):
+    """A backend of its own: the engine's worker, pending masks and templates are the engine's."""
+    return GrammarBackend(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+
+
+def test_masks_computed_ahead_are_the_masks_computed_in_the_step(backend, tokenizer):
     schema = pb.Grammar(kind=pb.GRAMMAR_KIND_JSON_SCHEMA, value=json.dumps(PERSON))
     starts = ['{"name": "Al', '{"name": "Bob", "age": 4', "{"]
 
@@ -224,3 +229,26 @@ def test_masks_computed_ahead_are_the_masks_computed_in_the_step(tokenizer):
     assert torch.equal(got, want[[2, 1, 0]])
     # A mask computed ahead serves one step: the next asks the matchers again.
     assert backend._pending is None
+
+
+def test_a_grammar_is_compiled_once_and_each_request_gets_a_matcher_of_its_own(
+    backend, tokenizer, monkeypatch
+):
+    # A schema no other test uses: its template is new here.
+    person = {**PERSON, "title": "compiled once"}
+    schema = pb.Grammar(kind=pb.GRAMMAR_KIND_JSON_SCHEMA, value=json.dumps(person))
+    a, b = backend.matcher(schema), backend.matcher(schema)
+    key = ("json_schema", schema.value)
+    template, uses = backend._templates[key]
+    assert uses == 2
+    start = tokenizer.encode('{"name": "Al', add_special_tokens=False)
+    assert a.consume_tokens(start)
+    # b (and the template) are still at the start: a's tokens moved a alone.
+    assert b.validate_tokens(start) == len(start)
+    assert template.validate_tokens(start) == len(start)
+    masks = backend.allowed([a, b], torch.device("cpu"))
+    assert not torch.equal(masks[0], masks[1])
+    # After TEMPLATE_USES requests the grammar is compiled anew.
+    monkeypatch.setattr(guided_decoding, "TEMPLATE_USES", 2)
+    backend.matcher(schema)
+    assert backend._templates[key][0] is not template and backend._templates[key][1] == 1

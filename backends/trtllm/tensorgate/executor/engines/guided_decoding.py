@@ -13,11 +13,15 @@ The mask is applied with plain tensor ops rather than llguidance's
 Off the critical path: once a step's tokens are consumed, the matchers' masks for the next step
 are computed on a worker thread (llguidance's own threads, without the GIL) while the engine
 hands the outputs on and runs the next forward pass; the next step only waits for what is not
-done yet. A request's first step (no mask computed ahead) is computed in the step. Each
-distinct grammar source is converted once (JSON schema to llguidance's grammar, a few ms on
-the event loop with the GIL held); each request still gets its own matcher, whose lexer is its
-own, so the batch's masks are computed in parallel (matchers copied from one template would
-share one lexer behind one lock).
+done yet. A request's first step (no mask computed ahead) is computed in the step.
+
+Compiled once per grammar: building a matcher takes 1-3 ms (on the executor's event loop, where
+`submit` runs), so each distinct grammar is compiled into a template matcher and every request
+gets a copy (tens of µs). Copies share the template's lexer, so a new request starts with the
+lexer states its predecessors built (warm) rather than cold; the price is that the shared lexer
+is behind one lock, so the masks of rows with the same grammar are computed one after the other
+(off the step's path, above). A template serves TEMPLATE_USES requests, then is compiled anew,
+which bounds what its lexer accumulates (llguidance caps a lexer's states).
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ _KINDS = {
 # value; the router's tool grammars use the same options.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-# Distinct grammar sources kept converted (a few KB each).
-SOURCE_CACHE = 256
+# Compiled grammars kept (least recently used out), and how many requests one template serves.
+TEMPLATES = 64
+TEMPLATE_USES = 256
 
 
 class _Prefetch:
@@ -94,7 +99,8 @@ class GrammarBackend:
         self._bits = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)
         self._bits_on: dict[torch.device, torch.Tensor] = {}
         self.timing = guided_timing.from_env()  # benchmark-only; None: nothing is timed
-        self._sources: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # (kind, source) -> [template matcher, requests served]; used from `submit`'s thread.
+        self._templates: OrderedDict[tuple[str, str], list] = OrderedDict()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self._pending: _Prefetch | None = None
 
@@ -119,21 +125,20 @@ class GrammarBackend:
         kind = _KINDS.get(grammar.kind)
         if kind is None:
             raise GrammarError(f"grammar kind {grammar.kind} is not one this engine knows")
-        source = self._source(kind, grammar.value)
-        m = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
-        if m.is_error():
-            raise GrammarError(f"grammar ({kind}): {_first_line(m.get_error())}")
+        key = (kind, grammar.value)
+        entry = self._templates.get(key)
+        if entry is None or entry[1] >= TEMPLATE_USES:
+            entry = self._templates[key] = [self._compile(kind, grammar.value), 0]
+            if len(self._templates) > TEMPLATES:
+                self._templates.popitem(last=False)
+        self._templates.move_to_end(key)
+        entry[1] += 1
+        m = entry[0].deep_copy()  # shares the template's lexer (see the module's doc)
         if self.timing is not None:
             self.timing.record_build(time.perf_counter_ns() - t0)
         return m
 
-    def _source(self, kind: str, value: str) -> str:
-        """llguidance's grammar for a source, converted once per distinct source."""
-        key = (kind, value)
-        source = self._sources.get(key)
-        if source is not None:
-            self._sources.move_to_end(key)
-            return source
+    def _compile(self, kind: str, value: str) -> llguidance.LLMatcher:
         try:
             if kind == "json_schema":
                 source = llguidance.LLMatcher.grammar_from_json_schema(
@@ -143,10 +148,10 @@ class GrammarBackend:
                 source = llguidance.grammar_from(kind, value)
         except ValueError as e:
             raise GrammarError(f"grammar ({kind}): {e}") from None
-        self._sources[key] = source
-        if len(self._sources) > SOURCE_CACHE:
-            self._sources.popitem(last=False)
-        return source
+        m = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
+        if m.is_error():
+            raise GrammarError(f"grammar ({kind}): {_first_line(m.get_error())}")
+        return m
 
     def _fill(self, pairs: list[tuple[llguidance.LLMatcher, int]], bitmask: torch.Tensor) -> None:
         if len(pairs) > 1:
