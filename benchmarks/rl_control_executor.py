@@ -7,7 +7,10 @@ a pickle (and the engine's own apply time, from its reply), and the executor pro
 set around ReleaseMemory / ResumeMemory of kv_cache, model and both (read from /proc/PID/statm,
 besides what the engine reports in memory_delta_bytes).
 
-    python benchmarks/rl_control_executor.py [--trials 3] [--json out.json]
+    python benchmarks/rl_control_executor.py [--trials 3] [--json out.json] [--model-id DIR]
+
+--model-id serves another checkpoint of *.safetensors (e.g. one of the same shape with random
+weights, where the embedded model cannot be installed).
 """
 
 from __future__ import annotations
@@ -69,9 +72,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model-id", type=Path, help="default: the embedded model")
     args = ap.parse_args()
-    model = ensure_embedded_model()
-    state = load_file(str(model / "model.safetensors"))
+    model = args.model_id or ensure_embedded_model()
+    state = {}
+    for f in sorted(model.glob("*.safetensors")):
+        state.update(load_file(str(f)))
     size = sum(v.numel() * v.element_size() for v in state.values())
     payloads = {"safetensors": save(state), "pickle": pickle.dumps(state)}
     with tempfile.TemporaryDirectory() as d:
@@ -112,9 +118,7 @@ def main() -> None:
                         )
                     )
             report = {"model_bytes": size, "trials": args.trials, "results": results}
-            print(
-                f"SmolLM2-135M fp32, {size / 2**20:.1f} MiB of weights, CPU, {args.trials} trials"
-            )
+            print(f"{model.name}: {size / 2**20:.1f} MiB of weights, CPU, {args.trials} trials")
             for key, rows in results.items():
                 if key.startswith("update"):
                     rpc = statistics.median(r[0] for r in rows)
