@@ -356,17 +356,3 @@ def test_flush_cache_reports_what_it_dropped(executor):
     r = stub.FlushCache(pb.FlushCacheRequest())
     assert "prefix cache flushed" in r.message or "prefix sharing is off" in r.message
     print(r.message)
-
-
-def test_update_timing_on_the_135m_model(executor, base_state):
-    """Not a bound: the numbers for the report (safetensors and pickle, whole model)."""
-    stub, _ = executor
-    state = {k: v for k, v in base_state.items() if k != "lm_head.weight"}
-    size = sum(v.numel() * v.element_size() for v in state.values())
-    for fmt, payload in (("safetensors", save(state)), ("pickle", pickle.dumps(state))):
-        started = time.monotonic()
-        stub.UpdateWeights(
-            pb.UpdateWeightsRequest(tensors=pb.SerializedTensors(format=fmt, payloads=[payload]))
-        )
-        took = time.monotonic() - started
-        print(f"{fmt}: {size / 2**20:.0f} MiB in {took * 1000:.0f} ms (RPC, same process)")
