@@ -83,5 +83,7 @@ def test_the_sampler_records_the_mask_and_the_consume_of_constrained_rows_only(t
     apply(sampler, [*rows, future("plain", None)], torch.randn(4, 40))
     assert t.hist["mask_step"].n == 1 and t.hist["mask_row"].n == 3
     assert t.hist["consume_step"].n == 1 and t.hist["consume_row"].n == 3
+    assert t.hist["call_step"].n == 1 and t.hist["call_row"].n == 3
     apply(sampler, [future("plain", RowSpec(logprobs=True))], torch.randn(1, 40))
-    assert t.hist["mask_step"].n == 1  # a row without a grammar costs the grammar nothing
+    # A row without a grammar costs the grammar nothing, and the call is not counted.
+    assert t.hist["mask_step"].n == 1 and t.hist["call_step"].n == 1

@@ -191,6 +191,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         self.book = book
         self.grammar = grammar
         self.timing = timing  # benchmark-only (guided_timing); None: nothing is timed
+        self._masked_rows = 0  # rows the current call masked (read when timing)
         self._tickets = itertools.count()
         # Tickets of the batch being prepared and of the one before: with async batching one
         # batch is prepared ahead of the one computed; older entries are stale and dropped.
@@ -223,6 +224,22 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         return row if row is not None else self._previous.pop(ticket, None)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if self.timing is None:
+            return self._process(scores, tensor_arg)
+        # Benchmark-only: the whole call's time on steps that masked rows, from a settled device
+        # (its own work, not the forward pass it would otherwise wait for) to its result.
+        if scores.is_cuda:
+            torch.cuda.synchronize(scores.device)
+        t0 = time.perf_counter_ns()
+        self._masked_rows = 0
+        out = self._process(scores, tensor_arg)
+        if self._masked_rows:
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            self.timing.record_step("call", self._masked_rows, time.perf_counter_ns() - t0)
+        return out
+
+    def _process(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         if not self._current and not self._previous:
             # No row of this batch registered anything (all plain greedy): reading the tickets
             # back would cost a device-to-host copy, a sync of the accelerator every step.
@@ -342,6 +359,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             if sub.is_cuda:
                 torch.cuda.synchronize(sub.device)  # the kernels' time, not their launch
             self.timing.record_step("mask", len(at), time.perf_counter_ns() - t0)
+            self._masked_rows = len(at)
         for j in at:
             changed[j] = True
         return changed

@@ -14,6 +14,8 @@ What is timed, on the CB thread unless said otherwise:
 - `consume`: feeding the chosen tokens to the matchers;
 - `prefetch`: computing the next step's masks ahead, on the grammar's worker thread (off the
   step's path: the `mask` of the next step includes only the wait for what is not done);
+- `call`: the sampler's whole call (masks, penalties, sampling, consume: all it adds to the
+  step) on steps that masked rows, timed from a synchronized device to its result;
 - `build`: making a request's matcher from its grammar (where `submit` runs: the executor's
   event loop).
 Per step they are recorded whole (`*_step`) and per row (the step's time over its constrained
@@ -73,6 +75,8 @@ class GuidedTiming:
         "consume_step",
         "prefetch_row",
         "prefetch_step",
+        "call_row",
+        "call_step",
         "build",
     )
 
@@ -85,8 +89,8 @@ class GuidedTiming:
         threading.Thread(target=self._writer, name="guided-timing", daemon=True).start()
 
     def record_step(self, kind: str, rows: int, ns: int) -> None:
-        """A step's `kind` ("mask", "consume" or "prefetch") work over `rows` constrained
-        rows."""
+        """A step's `kind` ("mask", "consume", "prefetch" or "call") work over `rows`
+        constrained rows."""
         self.hist[f"{kind}_step"].add(ns)
         self.hist[f"{kind}_row"].add(ns // rows, rows)
         self._version += 1
