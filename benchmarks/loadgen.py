@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -37,16 +38,24 @@ async def run_chat_load(
     temperature: float = 0.0,
     record: bool = False,
     prompt_spread: float = 0.0,
+    extra: Callable[[int], dict] | None = None,
+    prompt: Callable[[int], str] | None = None,
+    count_tokens: bool = False,
 ) -> dict:
     """Closed loop at `concurrency` until `total` requests are done. With `record`, the result
     also has each request's timeline (wall clock, seconds): start, first and last text chunk,
     end of stream. `prompt_spread` s > 0 gives request i a prompt of its own length, drawn
     uniformly from input_tokens * [1 - s, 1 + s], seeded by i: within a run the batch shapes
     do not repeat from one round to the next, as real traffic's do not, while every run sends
-    the same set, so that the two stacks of a pair get the same work."""
+    the same set, so that the two stacks of a pair get the same work. `extra(i)`, if given,
+    adds fields to request i's body (e.g. a response_format); `prompt(i)` replaces its prompt.
+    With `count_tokens`, the result also has `tokens_per_request` (completion tokens, in
+    completion order)."""
 
     # ~1 token per word for these words in llama-family tokenizers.
     def prompt_for(i: int) -> str:
+        if prompt is not None:
+            return prompt(i)
         n = input_tokens
         if prompt_spread > 0:
             n = round(random.Random(i).uniform(1 - prompt_spread, 1 + prompt_spread) * n)
@@ -60,6 +69,7 @@ async def run_chat_load(
     tail: list[float] = []
     timelines: list[dict] = []
     out_tokens = 0
+    per_request: list[int] = []
     todo = total
     lock = asyncio.Lock()
 
@@ -79,6 +89,8 @@ async def run_chat_load(
                 "stream_options": {"include_usage": True},
                 "temperature": temperature,
             }
+            if extra is not None:
+                body |= extra(index)
             start = time.perf_counter()
             wall0 = time.time()
             first = last = done = None
@@ -110,6 +122,7 @@ async def run_chat_load(
                         itl.append(now - last)
                     last = now
             end = time.perf_counter()
+            per_request.append(tokens)
             e2e.append(end - start)
             if last is not None:
                 tail.append(end - last)
@@ -143,6 +156,8 @@ async def run_chat_load(
         "tail_p50_ms": percentile(tail, 50) * 1000,
         "tail_p99_ms": percentile(tail, 99) * 1000,
     }
+    if count_tokens:
+        result["tokens_per_request"] = per_request
     if record:
         result["timelines"] = timelines
     return result
