@@ -86,18 +86,20 @@ class RolloutClient:
         body: Any = None,
         *,
         control: bool,
-        headers: Mapping[str, str] | None = None,
+        raw: bytes | None = None,
     ) -> tuple[Any, Mapping[str, str]]:
-        """One HTTP call; the parsed JSON answer and its headers, or a typed RolloutError."""
+        """One HTTP call with a JSON body (`body`, or `raw` already encoded); the parsed JSON
+        answer and its headers, or a typed RolloutError."""
         session = self._open()
         key = self._control_key if control else self._api_key
-        h = dict(headers or {})
+        h = {}
         if key:
             h["Authorization"] = f"Bearer {key}"
-        data = None
+        data = raw
         if body is not None:
-            h["Content-Type"] = "application/json"
             data = json.dumps(body).encode()
+        if data is not None:
+            h["Content-Type"] = "application/json"
         where = f"{method} {route}"
         try:
             async with session.request(method, self.url + route, data=data, headers=h) as r:
@@ -253,13 +255,16 @@ class RolloutClient:
     ) -> ControlResult:
         """One /update_weights_from_tensor call carrying these tensors (safetensors payload)."""
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
-        body: dict[str, Any] = {
-            "serialized_named_tensors": [w.safetensors_payload(items, dtype)],
-            "load_format": "safetensors",
-            "flush_cache": flush_cache,
-        }
-        _ordering(body, weight_version, mode)
-        return await self._control("/update_weights_from_tensor", body)
+        fields: dict[str, Any] = {"load_format": "safetensors", "flush_cache": flush_cache}
+        _ordering(fields, weight_version, mode)
+        # Serialization is CPU work of seconds for large buckets: off the event loop.
+        raw = await asyncio.to_thread(
+            lambda: w.json_with_base64_list(
+                "serialized_named_tensors", [w.safetensors_payload(items, dtype)], fields
+            )
+        )
+        parsed, _ = await self._call("POST", "/update_weights_from_tensor", control=True, raw=raw)
+        return ControlResult.from_json(parsed)
 
     async def update_weights_cuda_ipc(
         self, handles_by_gpu: Mapping[str, str] | None, *, weight_version: str | None = None

@@ -17,8 +17,10 @@ Two encodings, one per transport:
 from __future__ import annotations
 
 import base64
+import json
 import pickle
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -73,8 +75,9 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Ite
         yield current
 
 
-def safetensors_payload(bucket: NamedTensors, dtype: torch.dtype | None = None) -> str:
-    """One `serialized_named_tensors` item: the bucket as a safetensors file, base64."""
+def safetensors_payload(bucket: NamedTensors, dtype: torch.dtype | None = None) -> bytes:
+    """One `serialized_named_tensors` item: the bucket as a safetensors file, base64 (ASCII
+    bytes, kept as bytes: see json_with_base64_list)."""
     from safetensors.torch import save
 
     tensors = {}
@@ -83,7 +86,19 @@ def safetensors_payload(bucket: NamedTensors, dtype: torch.dtype | None = None) 
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         tensors[name] = t.to("cpu").contiguous()
-    return base64.b64encode(save(tensors)).decode("ascii")
+    return base64.b64encode(save(tensors))
+
+
+def json_with_base64_list(key: str, items: list[bytes], fields: dict[str, Any]) -> bytes:
+    """The JSON object `{key: [items as strings], **fields}`, assembled as bytes.
+
+    json.dumps scans a string character by character for escapes: ~9 s for one 128 MiB
+    bucket's base64 on this project's 2-core CPU, more than serializing the tensors. Base64's
+    alphabet needs no escaping, so the items are spliced in as they are."""
+    head = b'{"' + key.encode() + b'":["' + b'","'.join(items) + b'"]'
+    if not fields:
+        return head + b"}"
+    return head + b"," + json.dumps(fields).encode()[1:]
 
 
 def gpu_uuid(device: torch.device) -> str:
