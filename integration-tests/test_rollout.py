@@ -35,9 +35,10 @@ from tensorgate.rollout import (
 CONTROL_KEY = "rollout-test-control-key"
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "Count from one to five."]
-# fp32 on CPU, same checkpoint, same kernels family: the engine's paged/batched attention and
-# the trainer's plain forward sum in different orders. Measured: see docs/rl.md.
-LOGPROB_TOLERANCE = 1e-3
+# fp32 on CPU, the same checkpoint: the engine's batched, paged attention and the trainer's plain
+# forward sum in different orders. Measured max 2.0e-5 (mean 1.8e-6) over 172 sampled tokens;
+# docs/rl.md.
+LOGPROB_TOLERANCE = 5e-4
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("tensorgate.rollout needs aiohttp: pip install 'tensorgate[rollout]'") from e
 
-# 512 MiB of tensor bytes per request: base64 makes ~683 MiB of body, under the server's
-# default --rl-max-payload-bytes (1 GiB).
-DEFAULT_BUCKET_BYTES = 512 << 20
+# 640 MiB of tensor bytes per request: base64 makes ~853 MiB of body, under the server's
+# default --rl-max-payload-bytes (1 GiB); the embedded 135M model (538 MB) goes in one request.
+DEFAULT_BUCKET_BYTES = 640 << 20
 
 Transport = Literal["auto", "tensors", "cuda_ipc"]
 UpdateMode = Literal["wait", "abort"]
