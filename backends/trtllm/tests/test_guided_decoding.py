@@ -231,24 +231,32 @@ def test_masks_computed_ahead_are_the_masks_computed_in_the_step(backend, tokeni
     assert backend._pending is None
 
 
-def test_a_grammar_is_compiled_once_and_each_request_gets_a_matcher_of_its_own(
+def test_a_grammar_is_compiled_once_per_lexer_and_each_request_gets_a_matcher_of_its_own(
     backend, tokenizer, monkeypatch
 ):
-    # A schema no other test uses: its template is new here.
+    monkeypatch.setattr(guided_decoding, "LEXERS_PER_GRAMMAR", 2)
+    # A schema no other test uses: its templates are new here.
     person = {**PERSON, "title": "compiled once"}
     schema = pb.Grammar(kind=pb.GRAMMAR_KIND_JSON_SCHEMA, value=json.dumps(person))
-    a, b = backend.matcher(schema), backend.matcher(schema)
+    a, _, c = (backend.matcher(schema) for _ in range(3))
     key = ("json_schema", schema.value)
-    template, uses = backend._templates[key]
-    assert uses == 2
+    entries = backend._templates[key]
+    assert [uses for _, uses in entries] == [2, 1]  # two templates, served in turn
+    template = entries[0][0]
     start = tokenizer.encode('{"name": "Al', add_special_tokens=False)
     assert a.consume_tokens(start)
-    # b (and the template) are still at the start: a's tokens moved a alone.
-    assert b.validate_tokens(start) == len(start)
+    # c (a copy of the same template) and the template are still at the start.
+    assert c.validate_tokens(start) == len(start)
     assert template.validate_tokens(start) == len(start)
-    masks = backend.allowed([a, b], torch.device("cpu"))
+    masks = backend.allowed([a, c], torch.device("cpu"))
     assert not torch.equal(masks[0], masks[1])
-    # After TEMPLATE_USES requests the grammar is compiled anew.
+    # A template that has served TEMPLATE_USES requests is compiled anew.
     monkeypatch.setattr(guided_decoding, "TEMPLATE_USES", 2)
-    backend.matcher(schema)
-    assert backend._templates[key][0] is not template and backend._templates[key][1] == 1
+    backend.matcher(schema)  # the second template's turn: its second request
+    backend.matcher(schema)  # both at 2: the first is rebuilt
+    assert entries[0][0] is not template and [uses for _, uses in entries] == [1, 2]
+    # A grammar that cannot be built leaves nothing behind.
+    bad = pb.Grammar(kind=pb.GRAMMAR_KIND_REGEX, value="(")
+    with pytest.raises(GrammarError):
+        backend.matcher(bad)
+    assert ("regex", "(") not in backend._templates

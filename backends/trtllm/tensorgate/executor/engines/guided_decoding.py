@@ -16,12 +16,15 @@ hands the outputs on and runs the next forward pass; the next step only waits fo
 done yet. A request's first step (no mask computed ahead) is computed in the step.
 
 Compiled once per grammar: building a matcher takes 1-3 ms (on the executor's event loop, where
-`submit` runs), so each distinct grammar is compiled into a template matcher and every request
-gets a copy (tens of µs). Copies share the template's lexer, so a new request starts with the
-lexer states its predecessors built (warm) rather than cold; the price is that the shared lexer
-is behind one lock, so the masks of rows with the same grammar are computed one after the other
-(off the step's path, above). A template serves TEMPLATE_USES requests, then is compiled anew,
-which bounds what its lexer accumulates (llguidance caps a lexer's states).
+`submit` runs), so each distinct grammar is compiled into a few template matchers and every
+request gets a copy of one of them (tens of µs). Copies share their template's lexer, so a new
+request starts with the lexer states its predecessors built (warm) rather than cold; the price
+is that a shared lexer is behind one lock, so the masks of rows copied from one template are
+computed one after the other. With a single template per grammar, 64 rows of 3 schemas took
+the masks ahead from 1.9 to 2.4 ms per step at p50 and from 4.7 to 21 ms at p99 on an H200
+(docs/benchmarks.md), so LEXERS_PER_GRAMMAR templates are handed out in turn. A template
+serves TEMPLATE_USES requests, then is compiled anew, which bounds what its lexer accumulates
+(llguidance caps a lexer's states).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 # Compiled grammars kept (least recently used out), and how many requests one template serves.
 TEMPLATES = 64
 TEMPLATE_USES = 256
+LEXERS_PER_GRAMMAR = 4
 
 
 class _Prefetch:
@@ -99,7 +103,8 @@ class GrammarBackend:
         self._bits = torch.tensor([1 << i for i in range(32)], dtype=torch.int64).to(torch.int32)
         self._bits_on: dict[torch.device, torch.Tensor] = {}
         self.timing = guided_timing.from_env()  # benchmark-only; None: nothing is timed
-        # (kind, source) -> [template matcher, requests served]; used from `submit`'s thread.
+        # (kind, source) -> [[template matcher, requests served], ...] (up to
+        # LEXERS_PER_GRAMMAR, handed out in turn); used from `submit`'s thread only.
         self._templates: OrderedDict[tuple[str, str], list] = OrderedDict()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self._pending: _Prefetch | None = None
@@ -126,12 +131,17 @@ class GrammarBackend:
         if kind is None:
             raise GrammarError(f"grammar kind {grammar.kind} is not one this engine knows")
         key = (kind, grammar.value)
-        entry = self._templates.get(key)
-        if entry is None or entry[1] >= TEMPLATE_USES:
-            entry = self._templates[key] = [self._compile(kind, grammar.value), 0]
-            if len(self._templates) > TEMPLATES:
-                self._templates.popitem(last=False)
+        entries = self._templates.get(key, [])
+        if len(entries) < LEXERS_PER_GRAMMAR:
+            # Raises for a grammar that cannot be built: nothing is kept for it then.
+            entries.append([self._compile(kind, grammar.value), 0])
+        self._templates[key] = entries
         self._templates.move_to_end(key)
+        if len(self._templates) > TEMPLATES:
+            self._templates.popitem(last=False)
+        entry = min(entries, key=lambda e: e[1])  # the least used: each serves in turn
+        if entry[1] >= TEMPLATE_USES:
+            entry[:] = [self._compile(kind, grammar.value), 0]
         entry[1] += 1
         m = entry[0].deep_copy()  # shares the template's lexer (see the module's doc)
         if self.timing is not None:
