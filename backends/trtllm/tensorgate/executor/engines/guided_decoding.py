@@ -68,10 +68,11 @@ _KINDS = {
 # value; the router's tool grammars use the same options.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-# Compiled grammars kept (least recently used out), and how many requests one template serves.
+# Grammars kept compiled (the least recently used go), templates per grammar (each a lexer and
+# a lock of its own), and how many requests one template serves before it is compiled anew.
 TEMPLATES = 64
-TEMPLATE_USES = 256
 LEXERS_PER_GRAMMAR = 4
+TEMPLATE_USES = 256
 
 
 class _Prefetch:
