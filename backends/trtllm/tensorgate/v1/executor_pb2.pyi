@@ -52,7 +52,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_num_tokens: _Optional[int] = ..., max_top_n_tokens: _Optional[int] = ...) -> None: ...
 
 class Features(_message.Message):
-    __slots__ = ("logprobs", "top_n_tokens", "seed", "top_k", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop_token_ids", "guided_decoding", "min_new_tokens", "logit_bias", "ignore_eos")
+    __slots__ = ("logprobs", "top_n_tokens", "seed", "top_k", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop_token_ids", "guided_decoding", "min_new_tokens", "logit_bias", "ignore_eos", "prompt_logprobs")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Features(_message.Message):
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     logprobs: bool
     top_n_tokens: bool
     seed: bool
@@ -81,7 +82,8 @@ class Features(_message.Message):
     min_new_tokens: bool
     logit_bias: bool
     ignore_eos: bool
-    def __init__(self, logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[bool] = ..., seed: _Optional[bool] = ..., top_k: _Optional[bool] = ..., top_p: _Optional[bool] = ..., typical_p: _Optional[bool] = ..., repetition_penalty: _Optional[bool] = ..., frequency_penalty: _Optional[bool] = ..., presence_penalty: _Optional[bool] = ..., stop_token_ids: _Optional[bool] = ..., guided_decoding: _Optional[bool] = ..., min_new_tokens: _Optional[bool] = ..., logit_bias: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    prompt_logprobs: bool
+    def __init__(self, logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[bool] = ..., seed: _Optional[bool] = ..., top_k: _Optional[bool] = ..., top_p: _Optional[bool] = ..., typical_p: _Optional[bool] = ..., repetition_penalty: _Optional[bool] = ..., frequency_penalty: _Optional[bool] = ..., presence_penalty: _Optional[bool] = ..., stop_token_ids: _Optional[bool] = ..., guided_decoding: _Optional[bool] = ..., min_new_tokens: _Optional[bool] = ..., logit_bias: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "engine", "dtype", "device", "vocab_size", "eos_token_ids", "limits", "kv_capacity_tokens", "features", "executor_version", "weight_version", "control", "released_memory_tags")
