@@ -58,6 +58,8 @@ class EngineFeatures:
     min_new_tokens: bool = False
     logit_bias: bool = False
     ignore_eos: bool = False
+    # GenerateRequest.return_prompt_logprobs: the prompt's log probabilities on the first output.
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ def check_features(req: pb.GenerateRequest, features: EngineFeatures) -> str | N
         ("frequency_penalty", s.frequency_penalty != 0.0, features.frequency_penalty),
         ("presence_penalty", s.presence_penalty != 0.0, features.presence_penalty),
         ("typical_p", s.do_sample and 0.0 < s.typical_p < 1.0, features.typical_p),
+        ("return_prompt_logprobs", req.return_prompt_logprobs, features.prompt_logprobs),
     )
     for name, used, honoured in asked:
         if used and not honoured:

@@ -56,6 +56,7 @@ from tensorgate.executor.engines.cb_penalties import (
 )
 from tensorgate.executor.engines.guided_decoding import GrammarBackend, apply_allowed_
 from tensorgate.executor.engines.guided_timing import GuidedTiming
+from tensorgate.executor.engines.prompt_logprobs import PromptScorer
 
 NO_TICKET = -1
 
@@ -187,11 +188,13 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         book: LogprobBook,
         grammar: GrammarBackend | None = None,
         timing: GuidedTiming | None = None,
+        prompts: PromptScorer | None = None,
     ) -> None:
         self.book = book
         self.grammar = grammar
         self.timing = timing  # benchmark-only (guided_timing); None: nothing is timed
         self._masked_rows = 0  # rows the current call masked (read when timing)
+        self.prompts = prompts
         self._tickets = itertools.count()
         # Tickets of the batch being prepared and of the one before: with async batching one
         # batch is prepared ahead of the one computed; older entries are stale and dropped.
@@ -202,6 +205,10 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         int32_tensor.fill_(NO_TICKET)
 
     def prepare_tensor_args(self, requests_with_new_token: list) -> torch.Tensor:
+        if self.prompts is not None and self.prompts.has_pending():
+            # Between two steps, in the manager's thread: the prompts of the requests about to get
+            # their first token are scored now (see prompt_logprobs.PromptScorer for the cost).
+            self.prompts.score(r.state.request_id for r in requests_with_new_token)
         self._previous, self._current = self._current, {}
         tickets = []
         for request in requests_with_new_token:
@@ -445,12 +452,16 @@ def _end_after_this_token(request_state) -> None:
 
 
 def build_processor_list(
-    book: LogprobBook, grammar: GrammarBackend | None = None
+    book: LogprobBook,
+    grammar: GrammarBackend | None = None,
+    prompts: PromptScorer | None = None,
 ) -> ContinuousBatchingLogitsProcessorList:
     """The manager's processor list, with our sampler as its only processor."""
     plist = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
     timing = guided_timing.from_env() if grammar is not None else None
-    plist.logits_processor = LogitsProcessorList([PerRequestSampler(book, grammar, timing)])
+    plist.logits_processor = LogitsProcessorList(
+        [PerRequestSampler(book, grammar, timing, prompts)]
+    )
     plist.tensors_required = 1
     plist._retrieve_processors_kwargs()
     plist.do_processing = True

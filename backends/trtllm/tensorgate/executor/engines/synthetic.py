@@ -8,7 +8,9 @@ Rollout control works as state, for load tests of the control path: memory tags 
 released and resumed (generation is refused meanwhile, and requests live at a release are
 failed, as a real engine must), updates advance the weight version (safetensors headers are
 checked; pickles and CUDA IPC handles are not opened: there is no model to load them into), and
-an in-place pause stops the loop stepping while it keeps its requests.
+an in-place pause stops the loop stepping while it keeps its requests. Prompt log
+probabilities, when asked, are deterministic too (`prompt_logprob`), on the request's first
+output: no model scores anything.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class _Active:
     stop: frozenset[int] | None
     min_new: int = 0  # a stop token before this many tokens does not end the request
     generated: int = 0
+    prompt: list[float] | None = None  # prompt log probabilities, until the first output
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,9 @@ class SyntheticEngine(Engine):
         # Ordinary ids only: low ids are special tokens in most vocabularies.
         self._low = min(1000, vocab_size // 4)
         self._span = vocab_size - self._low
-        self.features = EngineFeatures(stop_token_ids=True, min_new_tokens=True, ignore_eos=True)
+        self.features = EngineFeatures(
+            stop_token_ids=True, min_new_tokens=True, ignore_eos=True, prompt_logprobs=True
+        )
         # Control state: written by the control thread under the lock, read by the loop.
         self._control = threading.Lock()
         self._released: frozenset[str] = frozenset()  # replaced whole: the loop reads it
@@ -193,9 +198,13 @@ class SyntheticEngine(Engine):
             self.live.fail_all(asleep, batch)
             self.active.clear()
             self.waiting.clear()
+        fresh: list[tuple[int, _Active]] = []  # (position among the outputs, request)
         while self.waiting and len(self.active) < self.limits.max_batch_size:
             a = self.waiting.popleft()
+            if a.prompt is not None:
+                fresh.append((len(self.active), a))
             self.active[a.rid] = a
+        base = len(batch.outputs)
         # The hot loop: field-by-field on `add()` is the cheapest way to build the message.
         add = batch.outputs.add
         low, span = self._low, self._span
@@ -213,6 +222,10 @@ class SyntheticEngine(Engine):
             elif a.generated >= a.max_new:
                 out.finish_reason = _LENGTH
                 done.append((a.rid, _LENGTH))
+        for at, a in fresh:
+            # Its first output: the hot loop added one per active request, in `active` order.
+            batch.outputs[base + at].prompt_logprobs.extend(a.prompt)
+            a.prompt = None
         stepped = len(self.active)
         for rid, reason in done:
             del self.active[rid]
@@ -245,6 +258,9 @@ class SyntheticEngine(Engine):
             else:
                 stop = frozenset(r.stop_token_ids) if r.stop_token_ids else None
                 a = _Active(r.id, len(r.input_ids), r.max_new_tokens, stop, r.min_new_tokens)
+                if r.return_prompt_logprobs:
+                    ids = r.input_ids
+                    a.prompt = [prompt_logprob(ids[i], i) for i in range(1, len(ids))]
                 self.live.add(r.id, a)
                 self.waiting.append(a)
         if not cancels:
@@ -396,3 +412,9 @@ class SyntheticEngine(Engine):
         self.inbox.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def prompt_logprob(token: int, position: int) -> float:
+    """The synthetic engine's log probability of prompt token `token` at `position` (>= 1): one of
+    -0.25, -0.5, ..., -2.0, fixed by the two, so tests and benchmarks can predict it."""
+    return -(1 + (token + position) % 8) / 4

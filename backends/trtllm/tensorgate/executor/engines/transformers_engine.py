@@ -44,6 +44,7 @@ from tensorgate.executor.engines.cb_sampling import (
     row_spec,
 )
 from tensorgate.executor.engines.guided_decoding import GrammarBackend, GrammarError
+from tensorgate.executor.engines.prompt_logprobs import PromptLogprobs, PromptScorer
 from tensorgate.executor.engines.transformers_control import RolloutControl
 from tensorgate.executor.live_requests import LiveRequests
 from tensorgate.executor.settings import DEFAULT_BLOCK_SIZE, EngineConfig
@@ -67,6 +68,7 @@ class _Live:
     logprobs: bool
     top_n: int
     row: RowState | None = None  # what the processor records for it, when anything
+    prompt: bool = False  # its first output carries the prompt's log probabilities
 
 
 class _StepRouter(OutputRouter):
@@ -242,7 +244,9 @@ class TransformersEngine(Engine):
             logit_bias=True,
             # Each request carries its own eos set into the manager (empty when ignored).
             ignore_eos=True,
+            prompt_logprobs=True,  # one forward pass of the prompt: see PromptScorer
         )
+        self.prompts = PromptScorer(self.model)
         self.manager = self.model.init_continuous_batching(
             generation_config=gen_config, continuous_batching_config=cb_config
         )
@@ -258,7 +262,7 @@ class TransformersEngine(Engine):
         self._last_step: float | None = None  # when the last step's outputs came, if busy since
         # Both replaced before the loop starts: the batch processor picks them up when it is
         # created.
-        self.manager.logit_processor = build_processor_list(self.book, self.grammar)
+        self.manager.logit_processor = build_processor_list(self.book, self.grammar, self.prompts)
         self.manager.output_router = _StepRouter(self._on_outputs)
         self._start_manager()
         cache = self.manager.batch_processor.cache
@@ -356,9 +360,13 @@ class TransformersEngine(Engine):
         with self._lock:
             if r.id in self.live:
                 return f"request id {r.id} is already in flight"
-            self.live.add(r.id, _Live(0, eos, stop, r.return_logprobs, r.top_n_tokens, row))
+            live = _Live(0, eos, stop, r.return_logprobs, r.top_n_tokens, row)
+            live.prompt = r.return_prompt_logprobs
+            self.live.add(r.id, live)
         if wants_logprobs:
             self.book.track(key)
+        if live.prompt:
+            self.prompts.register(key, list(r.input_ids), r.top_n_tokens)
         added = self.manager.add_request(
             list(r.input_ids),
             request_id=key,
@@ -372,6 +380,7 @@ class TransformersEngine(Engine):
                 # Never started: not counted as ended (submit counts it as failed).
                 self.live.forget(r.id)
             self.book.forget(key)
+            self.prompts.forget(key)
             return "the engine is not accepting requests (it is stopping or has failed)"
         return None
 
@@ -383,6 +392,7 @@ class TransformersEngine(Engine):
         for rid, _ in cancelled:
             self.manager.cancel_request(str(rid))
             self.book.forget(str(rid))
+            self.prompts.forget(str(rid))
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
@@ -438,6 +448,20 @@ class TransformersEngine(Engine):
                         "the request is ended rather than continue with penalties or a grammar "
                         "applied to the wrong tokens"
                     )
+            prompt = None
+            if live.prompt and first == 0 and reason != pb.FINISH_REASON_ERROR:
+                if new or reason != _UNFINISHED:
+                    # The first output carries them (computed when this step was prepared).
+                    taken = self.prompts.take(key)
+                    if isinstance(taken, PromptLogprobs):
+                        prompt = taken
+                    else:
+                        reason, new = pb.FINISH_REASON_ERROR, []
+                        error = taken or (
+                            "the engine computed no log probabilities for the prompt of a "
+                            "request that asked for them; the request is ended rather than "
+                            "answer without them"
+                        )
             lps = None
             if new and (live.logprobs or live.top_n):
                 lps = self.book.take(key, first, len(new))
@@ -460,6 +484,8 @@ class TransformersEngine(Engine):
         if not new and reason == _UNFINISHED:
             return
         out = batch.outputs.add(request_id=rid, token_ids=new, finish_reason=reason, error=error)
+        if prompt is not None and reason != pb.FINISH_REASON_ERROR:
+            prompt.add_to(out, live.top_n)
         for lp in lps or ():
             if live.logprobs:
                 out.logprobs.append(lp.logprob)
@@ -467,6 +493,8 @@ class TransformersEngine(Engine):
                 out.top_tokens.add(ids=lp.top_ids, logprobs=lp.top_logprobs)
         if reason != _UNFINISHED and (live.logprobs or live.top_n):
             self.book.forget(key)
+        if reason != _UNFINISHED and live.prompt:
+            self.prompts.forget(key)
 
     def _fail_all(self, message: str) -> None:
         batch = pb.IterationOutput()
@@ -474,6 +502,7 @@ class TransformersEngine(Engine):
             failed = self.live.fail_all(message, batch)
         for rid, _ in failed:
             self.book.forget(str(rid))
+            self.prompts.forget(str(rid))
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
