@@ -66,6 +66,11 @@ class TrtllmEngineConfig:
     context_fmha: bool = True
     remove_input_padding: bool = True
     paged_context_fmha: bool = False
+    # build_config.gather_context_logits: the engine outputs the logits of every prompt position,
+    # which OutputConfig(return_context_logits=True) needs (executorImpl.cpp fetchNewRequests
+    # fails the request otherwise: "Return context logit need to build engine with
+    # gather_context_logits"); prompt log probabilities are computed from them.
+    gather_context_logits: bool = False
 
     @property
     def engine_dir(self) -> Path:
@@ -238,6 +243,7 @@ def load_engine_config(engine_dir: Path) -> TrtllmEngineConfig:
         context_fmha=plugin.get("context_fmha", True) is True,
         remove_input_padding=plugin.get("remove_input_padding", True) is True,
         paged_context_fmha=plugin.get("use_paged_context_fmha", False) is True,
+        gather_context_logits=build.get("gather_context_logits", False) is True,
     )
     missing = [p.name for p in cfg.engine_files() if not p.is_file()]
     if missing:

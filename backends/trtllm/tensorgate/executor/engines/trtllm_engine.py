@@ -115,6 +115,7 @@ class _Live:
     logprobs: bool
     max_new: int
     tid: int = -1  # TensorRT-LLM's id, once enqueued
+    prompt: list[int] | None = None  # the prompt, until its log probabilities have been sent
     generated: int = 0
     last_token: int = -1
 
@@ -402,6 +403,9 @@ class TrtllmEngine(Engine):
                 min_new_tokens=True,  # SamplingConfig(min_tokens=)
                 logit_bias=False,  # Request(embedding_bias=) takes a tensor: not wired
                 ignore_eos=True,  # end_id=-1
+                # OutputConfig(return_context_logits=True), Result.context_logits: only on an
+                # engine built with gather_context_logits (see TrtllmEngineConfig).
+                prompt_logprobs=self.config.gather_context_logits,
             ),
         )
 
@@ -509,6 +513,14 @@ class TrtllmEngine(Engine):
         end_id = -1 if r.ignore_eos or not self.eos_ids else self.eos_ids[0]
         words = sorted((eos | stop) - {end_id})
         live = _Live(r.id, end_id, eos, stop, r.return_logprobs, r.max_new_tokens)
+        if r.return_prompt_logprobs:
+            if not self.config.gather_context_logits:
+                raise ValueError(
+                    "return_prompt_logprobs needs an engine built with gather_context_logits "
+                    "(trtllm-build --gather_context_logits): the prompt's log probabilities come "
+                    "from its context logits"
+                )
+            live.prompt = list(r.input_ids)
         # Request(input_token_ids, max_tokens, *, streaming, sampling_config, output_config,
         # end_id, pad_id, stop_words, ...): request.cpp. end_id=-1 disables the end token, as
         # TensorRT-LLM's own LLM API does for ignore_eos (tensorrt_llm/executor/base_worker.py).
@@ -517,7 +529,11 @@ class TrtllmEngine(Engine):
             max_tokens=r.max_new_tokens,
             streaming=True,
             sampling_config=sampling,
-            output_config=t.OutputConfig(return_log_probs=r.return_logprobs),
+            # OutputConfig(return_log_probs, return_context_logits, ...): request.cpp.
+            output_config=t.OutputConfig(
+                return_log_probs=r.return_logprobs,
+                return_context_logits=r.return_prompt_logprobs,
+            ),
             end_id=end_id,
             pad_id=self.pad_id if self.pad_id is not None else None,
             stop_words=[[w] for w in words] or None,
@@ -591,6 +607,8 @@ class TrtllmEngine(Engine):
                     self.live.finish(rid, pb.FINISH_REASON_ERROR)
                     continue
                 result = resp.result
+                if live.prompt is not None and not self._add_prompt_logprobs(out, live, result):
+                    continue
                 new = list(result.output_token_ids[0]) if result.output_token_ids else []
                 if live.logprobs and new:
                     logprobs = _new_logprobs(result, live.generated, len(new))
@@ -622,6 +640,33 @@ class TrtllmEngine(Engine):
             kept.outputs.extend(outs.values())
             return kept
         return batch
+
+    def _add_prompt_logprobs(self, out: pb.RequestOutput, live: _Live, result) -> bool:
+        """Under the lock, on the request's first result: its prompt's log probabilities from
+        Result.context_logits ([prompt tokens, padded vocab], on the host: LlmRequest::createResult,
+        batch_manager/llmRequest.cpp, sets it on every result of a request that asked). False
+        when they are missing: the request is failed and TensorRT-LLM told to stop. The
+        log-softmax runs on the GPU when there is one, over 256-row chunks (prompt_logprobs.py)."""
+        from tensorgate.executor.engines.prompt_logprobs import from_logits
+
+        assert live.prompt is not None
+        try:
+            prompt = from_logits(
+                getattr(result, "context_logits", None),
+                live.prompt,
+                0,
+                self.config.vocab_size,
+                _logits_device(),
+            )
+        except (ValueError, RuntimeError) as e:
+            out.finish_reason = pb.FINISH_REASON_ERROR
+            out.error = f"TensorRT-LLM returned no usable prompt logits: {e}"
+            self.live.finish(live.rid, pb.FINISH_REASON_ERROR)
+            self._cancel_in_trtllm(live.tid)
+            return False
+        prompt.add_to(out, 0)
+        live.prompt = None
+        return True
 
     def _fail_short_logprobs(
         self, out: pb.RequestOutput, live: _Live, got: int, new: list[int]
@@ -773,6 +818,13 @@ class TrtllmEngine(Engine):
             self._executor.shutdown()  # executor.cpp
         except Exception as e:
             log.warning("TensorRT-LLM executor shutdown failed: %s", e)
+
+
+def _logits_device() -> str | None:
+    """Where prompt logits are turned into log probabilities: the GPU when torch sees one."""
+    import torch  # in every TensorRT-LLM environment
+
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def _new_logprobs(result, seen: int, n: int) -> list[float]:

@@ -238,6 +238,11 @@ class TrtllmLlmApiEngine(Engine):
                 min_new_tokens=True,  # SamplingParams(min_tokens=)
                 logit_bias=True,  # SamplingParams(embedding_bias=)
                 ignore_eos=True,  # SamplingParams(ignore_eos=)
+                # SamplingParams(return_context_logits=True): the PyTorch backend gathers a
+                # request's context logits when it asks (_torch/pyexecutor/py_executor.py
+                # _forward_step: any(r.py_return_context_logits ...)), and the result keeps them
+                # (executor/result.py _handle_response -> GenerationResult.context_logits).
+                prompt_logprobs=True,
             ),
         )
 
@@ -293,6 +298,7 @@ class TrtllmLlmApiEngine(Engine):
                     eos=frozenset() if r.ignore_eos else frozenset(self.eos_ids),
                     stop=frozenset(r.stop_token_ids),
                     logprobs=r.return_logprobs,
+                    prompt=list(r.input_ids) if r.return_prompt_logprobs else None,
                 )
                 self.live.add(r.id, live)
         if ready:
@@ -378,6 +384,9 @@ class TrtllmLlmApiEngine(Engine):
                 return False
             tokens = list(output.token_ids[live.tokens_read :])
             out = self._pending_output(live.rid)
+            if live.prompt is not None and (tokens or step.finished):
+                if not self._add_prompt_logprobs(out, live, step):
+                    return False
             if tokens and live.logprobs:
                 values = new_logprobs(list(output.logprobs or []), tokens, live.tokens_read)
                 if values is None:
@@ -402,6 +411,32 @@ class TrtllmLlmApiEngine(Engine):
                 self.live.finish(live.rid, reason)
         self._schedule_flush()
         return not done
+
+    def _add_prompt_logprobs(self, out: pb.RequestOutput, live: LiveRequest, step) -> bool:
+        """Under the lock, with the request's first tokens: its prompt's log probabilities from
+        the result's context logits ([prompt tokens, vocab]). False when they are missing: the
+        request is failed (and aborted by the caller)."""
+        from tensorgate.executor.engines.prompt_logprobs import from_logits
+        from tensorgate.executor.engines.trtllm_engine import _logits_device
+
+        assert live.prompt is not None
+        try:
+            prompt = from_logits(
+                getattr(step, "context_logits", None),
+                live.prompt,
+                0,
+                self.checkpoint.vocab_size,
+                _logits_device(),
+            )
+        except (ValueError, RuntimeError) as e:
+            out.finish_reason = pb.FINISH_REASON_ERROR
+            out.error = f"TensorRT-LLM returned no usable prompt logits: {e}"
+            self.live.finish(live.rid, pb.FINISH_REASON_ERROR)
+            self._schedule_flush()
+            return False
+        prompt.add_to(out, 0)
+        live.prompt = None
+        return True
 
     def _pending_output(self, rid: int) -> pb.RequestOutput:
         out = self._pending.get(rid)

@@ -33,6 +33,7 @@ class LiveRequest:
     result: object | None = None
     tokens_read: int = 0
     logprobs_read: int = 0
+    prompt: list[int] | None = None  # the prompt, until its log probabilities have been sent
 
 
 def grammar_of(req: pb.GenerateRequest) -> tuple[str, str] | None:
@@ -83,6 +84,12 @@ def sampling_kwargs(
         raise RequestMappingError("top_n_tokens is not supported by this engine")
     if req.return_logprobs:
         kw["logprobs"] = 1  # the chosen token's own, one per position
+    if _has(req, "return_prompt_logprobs") and req.return_prompt_logprobs:
+        # The prompt's logits, from which the engine computes each prompt token's log
+        # probability (prompt_logprobs.py). Not SamplingParams(prompt_logprobs=k): TensorRT-LLM
+        # answers that with the top k of each position only (executor/result.py compute_logprobs
+        # passes no tokens for the prompt), so a prompt token outside the top k has none.
+        kw["return_context_logits"] = True
     # The first eos id is end_id; ignore_eos makes TensorRT-LLM send end_id -1
     # (tensorrt_llm/executor/base_worker.py `_enqueue_request`). Other eos ids and the stop ids
     # are stop token ids, kept in the output (include_stop_str_in_output) as the other engines

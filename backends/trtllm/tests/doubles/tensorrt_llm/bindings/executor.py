@@ -65,6 +65,12 @@ Response semantics reproduced (from `docs/source/executor.md`, the examples in
   * on a non-leader rank (`TEST_DOUBLE.can_enqueue = False`) every one of those calls raises
     (`checkParallelApiUsage`: "Check that the current process is the leader or
     orchestrator", executorImpl.h) and `can_enqueue_requests()` is False (`canEnqueueRequests`);
+- `OutputConfig(return_context_logits=True)` needs an engine built with gather_context_logits:
+  otherwise the request's first response is the error "Return context logit need to build
+  engine with gather_context_logits" (`Executor::Impl::fetchNewRequests`); with it, every
+  Result of the request carries `context_logits`, a [prompt tokens, vocab] tensor on the host
+  (`LlmRequest::createResult`, `cpp/tensorrt_llm/batch_manager/llmRequest.cpp`); the double's
+  values are `double_context_logits(prompt, vocab)`;
 - `Result.log_probs[beam]` of a streamed result is cumulative, all tokens' so far, while
   `output_token_ids[beam]` holds the new tokens (`tensorrt_llm/executor/result.py`,
   `_handle_sequence`: `output.logprobs = response_tensors.log_probs[src_idx]`, then
@@ -75,7 +81,7 @@ Response semantics reproduced (from `docs/source/executor.md`, the examples in
   (`getCurrentIterationStats`).
 
 What the double does NOT reproduce: any real model (tokens come from a deterministic function
-of the prompt and the step), TensorRT, CUDA, MPI ranks, beam search, logits, speculative
+of the prompt and the step), TensorRT, CUDA, MPI ranks, beam search, generation logits, speculative
 decoding, LoRA, guided decoding, or the exact wording of TensorRT-LLM's error messages.
 
 Test-only knobs live in `TEST_DOUBLE` (not part of the real API).
@@ -130,6 +136,8 @@ class DoubleSettings:
     legacy_results: bool = False
     # Reported as InflightBatchingStats.num_paused_requests (the double evicts nothing).
     paused_requests: int = 0
+    # Prompt lengths whose results leave `context_logits` out although it was asked for.
+    no_context_logits_for: set[int] = field(default_factory=set)
 
 
 TEST_DOUBLE = DoubleSettings()
@@ -617,6 +625,7 @@ class Executor:
         self.model_path = engine_dir
         self.vocab_size = int(pretrained["vocab_size"])
         self.max_seq_len = int(build["max_seq_len"])
+        self.gather_context_logits = build.get("gather_context_logits") is True
         plugin = build.get("plugin_config") or {}
         # checkOptionalParams: chunked context needs paged context FMHA, else it is turned off.
         self.chunked_context = bool(
@@ -700,6 +709,8 @@ class Executor:
         n = len(r.input_token_ids)
         if r.end_id is not None and not -1 <= r.end_id < self.vocab_size:
             why = f"EndId ({r.end_id}) is not within acceptable range [-1, {self.vocab_size})."
+        elif r.output_config.return_context_logits and not self.gather_context_logits:
+            why = "Return context logit need to build engine with gather_context_logits"
         elif n > self.max_input_len:
             why = f"Prompt length ({n}) exceeds maximum input length ({self.max_input_len})."
         elif (
@@ -888,6 +899,10 @@ class Executor:
         if TEST_DOUBLE.legacy_results:
             del res.finish_reasons
         res.decoding_iter = self._iter
+        if live.request.output_config.return_context_logits:
+            prompt = live.request.input_token_ids
+            if len(prompt) not in TEST_DOUBLE.no_context_logits_for:
+                res.context_logits = double_context_logits(prompt, self.vocab_size)
         if live.request.output_config.return_log_probs:
             # Cumulative: one per token generated so far (result.py, see the docstring).
             left_out = TEST_DOUBLE.short_log_probs.get(live.request.input_token_ids[0], 0)
@@ -919,6 +934,17 @@ class Executor:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def double_context_logits(prompt: list[int], vocab_size: int):
+    """The double's context logits (no model: a fixed pattern), [len(prompt), vocab_size] float32:
+    row i depends on prompt token i, as a model's logits at position i depend on the tokens up to
+    it. Test-only, not a TensorRT-LLM name."""
+    import torch  # in every TensorRT-LLM environment
+
+    rows = torch.tensor(prompt, dtype=torch.float32).unsqueeze(1)
+    cols = torch.arange(vocab_size, dtype=torch.float32).unsqueeze(0)
+    return torch.remainder(rows * 13 + cols * 7, 23) / 4
 
 
 def _logprob(position: int) -> float:

@@ -11,7 +11,9 @@ result looks like to the caller (`tensorrt_llm/executor/result.py`, commit 005bc
   with `result()`; `finished` says whether the last step came; `abort()` asks the executor to
   cancel it (`abort_request`), after which it ends 'cancelled';
 - an error from the executor reaches whoever awaits the result as an exception (the
-  background error handler `_handle_response` calls).
+  background error handler `_handle_response` calls);
+- `context_logits` is None until a response carries them, then kept (`_handle_response`: `if
+  response_result.context_logits is not None: self._context_logits = ...`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Step:
     finish_reason: str | None = None
     stop_reason: int | None = None
     error: str | None = None
+    context_logits: object | None = None
 
 
 class GenerationResult:
@@ -62,6 +65,7 @@ class GenerationResult:
         self._aborted = False
         self._done = False
         self._outputs = [CompletionOutput(0)]
+        self._context_logits = None
         # has_event_loop(): an asyncio queue when created inside a running loop, else a plain one.
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -90,6 +94,10 @@ class GenerationResult:
         return self._outputs[:1]
 
     @property
+    def context_logits(self):
+        return self._context_logits
+
+    @property
     def finished(self) -> bool:
         return self._done
 
@@ -104,6 +112,8 @@ class GenerationResult:
         if step.error is not None:
             self._done = True
             raise RuntimeError(step.error)
+        if step.context_logits is not None:
+            self._context_logits = step.context_logits
         out = self._outputs[0]
         out.token_ids.extend(step.tokens)
         if step.logprobs is not None:

@@ -44,7 +44,11 @@ that still has both backends, unless said otherwise):
   virtual_memory.py`). Each runs under `control_action_decorator` (`tensorrt_llm/_ray_utils.py`):
   in-flight requests are drained first (the double waits for them, at most
   `TEST_DOUBLE.drain_timeout_s`, then raises, where TensorRT-LLM would wait on);
-- `shutdown()` stops it; a second call does nothing (`BaseLLM.shutdown`).
+- `shutdown()` stops it; a second call does nothing (`BaseLLM.shutdown`);
+- `SamplingParams(return_context_logits=True)`: the request's first response carries the
+  prompt's context logits, [prompt tokens, vocab] (the PyTorch executor gathers them for a
+  context request that asks: `_torch/pyexecutor/py_executor.py` `_forward_step`); the double's
+  values are the executor double's `double_context_logits`.
 
 NOT reproduced: any model (tokens are a deterministic function of the prompt and step), CUDA,
 MPI or Ray processes, detokenization, beam search, speculative decoding, LoRA, multimodal input,
@@ -65,6 +69,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tensorrt_llm.bindings.executor import double_context_logits
 from tensorrt_llm.executor.result import GenerationResult, Step
 from tensorrt_llm.sampling_params import SamplingParams
 
@@ -135,6 +140,8 @@ class DoubleSettings:
     requests: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     rpc_calls: list[tuple[str, tuple]] = field(default_factory=list)
     drain_timeout_s: float = 5.0
+    # Prompt lengths whose first response leaves the context logits out although asked for.
+    no_context_logits_for: set[int] = field(default_factory=set)
 
 
 TEST_DOUBLE = DoubleSettings()
@@ -399,11 +406,16 @@ class LLM:
                 return self._end(live, Step([token], lp, finish_reason="stop"))
             return self._end(live, Step([], [] if lp else None, finish_reason="stop"))
         live.generated.append(token)
+        ctx = None
+        if step == 0 and sp.return_context_logits:
+            if len(live.prompt) not in TEST_DOUBLE.no_context_logits_for:
+                ctx = double_context_logits(live.prompt, self.vocab_size)
         if token in (sp.stop_token_ids or []) and not held:
-            return self._end(live, Step([token], lp, finish_reason="stop", stop_reason=token))
+            stop = Step([token], lp, finish_reason="stop", stop_reason=token, context_logits=ctx)
+            return self._end(live, stop)
         if len(live.generated) >= max_tokens:
-            return self._end(live, Step([token], lp, finish_reason="length"))
-        live.result._put(Step([token], lp))
+            return self._end(live, Step([token], lp, finish_reason="length", context_logits=ctx))
+        live.result._put(Step([token], lp, context_logits=ctx))
 
     def _token(self, live: _Live, step: int) -> int:
         if TEST_DOUBLE.token_fn is not None:
