@@ -1,12 +1,15 @@
 //! Admission in the router: each request reserves prompt + max_new_tokens against the
 //! executor's token budget (KV capacity) and batch-size limit; FIFO within a priority, higher
-//! priorities first; everything admitted in one tick goes to the executor in one message.
+//! priorities first; everything admitted in one tick goes to the executor in one message. A
+//! group (TGI's `best_of`: n sequences of one prompt) is admitted whole or not at all, its
+//! reservation the sum of its sequences'.
 //!
 //! `AdmissionQueue` is the algorithm (pure, property-tested); `Scheduler` is the task that
 //! owns it and talks to the executor.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -30,11 +33,28 @@ pub enum AdmissionError {
     QueueTimeout { waited_ms: u64, limit_ms: u64 },
     #[error("the scheduler has stopped (the router is shutting down)")]
     Stopped,
+    #[error(
+        "the request's {sequences} sequences (best_of) need {needed} KV tokens together \
+         (prompt + max_new_tokens each) but the executor's token budget is {budget} \
+         (--max-batch-total-tokens)"
+    )]
+    GroupTooLarge {
+        sequences: usize,
+        needed: u64,
+        budget: u64,
+    },
+    #[error(
+        "the request runs {sequences} sequences at once (best_of) but the executor runs at most \
+         {max} requests at a time (--max-batch-size)"
+    )]
+    GroupTooWide { sequences: usize, max: usize },
 }
 
 struct Entry<T> {
     ticket: u64,
     reservation: u64,
+    /// Requests it runs (batch slots taken): 1, or a group's size.
+    slots: usize,
     enqueued: Instant,
     item: T,
 }
@@ -44,7 +64,9 @@ pub struct AdmissionQueue<T> {
     budget: u64,
     max_running: usize,
     used: u64,
-    running: HashMap<u64, u64>,
+    /// Ticket -> (reservation, slots) of what is admitted.
+    running: HashMap<u64, (u64, usize)>,
+    running_slots: usize,
     // Higher priority first (Reverse), then FIFO.
     queues: BTreeMap<Reverse<i32>, VecDeque<Entry<T>>>,
     queued: usize,
@@ -63,6 +85,7 @@ impl<T> AdmissionQueue<T> {
             },
             used: 0,
             running: HashMap::new(),
+            running_slots: 0,
             queues: BTreeMap::new(),
             queued: 0,
         }
@@ -74,8 +97,9 @@ impl<T> AdmissionQueue<T> {
     pub fn used(&self) -> u64 {
         self.used
     }
+    /// Requests admitted and not released (a group counts each of its sequences).
     pub fn running(&self) -> usize {
-        self.running.len()
+        self.running_slots
     }
     pub fn queued(&self) -> usize {
         self.queued
@@ -90,14 +114,40 @@ impl<T> AdmissionQueue<T> {
         now: Instant,
         item: T,
     ) -> Result<(), (AdmissionError, T)> {
-        if reservation > self.budget {
-            return Err((
-                AdmissionError::TooLarge {
-                    needed: reservation,
-                    budget: self.budget,
-                },
-                item,
-            ));
+        self.push_group(ticket, priority, reservation, 1, now, item)
+    }
+
+    /// Queues `slots` requests admitted together (`reservation` is their sum).
+    pub fn push_group(
+        &mut self,
+        ticket: u64,
+        priority: i32,
+        reservation: u64,
+        slots: usize,
+        now: Instant,
+        item: T,
+    ) -> Result<(), (AdmissionError, T)> {
+        let refusal = if slots > self.max_running {
+            Some(AdmissionError::GroupTooWide {
+                sequences: slots,
+                max: self.max_running,
+            })
+        } else if reservation > self.budget && slots > 1 {
+            Some(AdmissionError::GroupTooLarge {
+                sequences: slots,
+                needed: reservation,
+                budget: self.budget,
+            })
+        } else if reservation > self.budget {
+            Some(AdmissionError::TooLarge {
+                needed: reservation,
+                budget: self.budget,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            return Err((e, item));
         }
         self.queues
             .entry(Reverse(priority))
@@ -105,6 +155,7 @@ impl<T> AdmissionQueue<T> {
             .push_back(Entry {
                 ticket,
                 reservation,
+                slots,
                 enqueued: now,
                 item,
             });
@@ -131,7 +182,7 @@ impl<T> AdmissionQueue<T> {
                 }
                 continue;
             }
-            if self.running.len() >= self.max_running
+            if self.running_slots + head.slots > self.max_running
                 || self.used.saturating_add(head.reservation) > self.budget
             {
                 return None;
@@ -142,7 +193,9 @@ impl<T> AdmissionQueue<T> {
             }
             self.queued -= 1;
             self.used += entry.reservation;
-            self.running.insert(entry.ticket, entry.reservation);
+            self.running_slots += entry.slots;
+            self.running
+                .insert(entry.ticket, (entry.reservation, entry.slots));
             return Some((entry.ticket, entry.item));
         }
     }
@@ -150,8 +203,9 @@ impl<T> AdmissionQueue<T> {
     /// Frees an admitted request's reservation (finished, cancelled or failed).
     pub fn release(&mut self, ticket: u64) -> bool {
         match self.running.remove(&ticket) {
-            Some(r) => {
+            Some((r, slots)) => {
                 self.used -= r;
+                self.running_slots -= slots;
                 true
             }
             None => false,
@@ -194,11 +248,11 @@ impl<T> AdmissionQueue<T> {
 }
 
 /// A request admitted to the executor: its events, its cancel-on-drop guard, and its
-/// reservation, freed when this is dropped.
+/// reservation, freed when the last holder drops it (a group's sequences share one).
 pub struct Admission {
     pub guard: RequestGuard,
     pub rx: mpsc::UnboundedReceiver<ExecutorEvent>,
-    pub reservation: Reservation,
+    pub reservation: Arc<Reservation>,
     pub queue_time: Duration,
 }
 
@@ -214,18 +268,20 @@ impl Drop for Reservation {
     }
 }
 
+type Reply = oneshot::Sender<Result<Vec<Admission>, AdmissionError>>;
+
 struct Waiting {
-    request: pb::GenerateRequest,
-    reply: oneshot::Sender<Result<Admission, AdmissionError>>,
+    /// One request, or a group's, admitted together.
+    requests: Vec<pb::GenerateRequest>,
+    reply: Reply,
     enqueued: Instant,
 }
 
 enum Msg {
     Enqueue {
-        // Boxed: a request (with its grammar and logit bias) dwarfs a Release.
-        request: Box<pb::GenerateRequest>,
+        requests: Vec<pb::GenerateRequest>,
         priority: i32,
-        reply: oneshot::Sender<Result<Admission, AdmissionError>>,
+        reply: Reply,
     },
     Release(u64),
     /// Refuse everything queued and everything that comes after (shutting down).
@@ -270,10 +326,23 @@ impl Scheduler {
         request: pb::GenerateRequest,
         priority: i32,
     ) -> Result<Admission, AdmissionError> {
+        self.admit_group(vec![request], priority)
+            .await?
+            .pop()
+            .ok_or(AdmissionError::Stopped)
+    }
+
+    /// Waits for the admission of all `requests` at once (their reservations summed), one
+    /// admission each, in order.
+    pub async fn admit_group(
+        &self,
+        requests: Vec<pb::GenerateRequest>,
+        priority: i32,
+    ) -> Result<Vec<Admission>, AdmissionError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Enqueue {
-                request: Box::new(request),
+                requests,
                 priority,
                 reply,
             })
@@ -282,8 +351,11 @@ impl Scheduler {
     }
 }
 
-fn reservation_of(r: &pb::GenerateRequest) -> u64 {
-    r.input_ids.len() as u64 + u64::from(r.max_new_tokens)
+fn reservation_of(requests: &[pb::GenerateRequest]) -> u64 {
+    requests
+        .iter()
+        .map(|r| r.input_ids.len() as u64 + u64::from(r.max_new_tokens))
+        .sum()
 }
 
 async fn run(
@@ -331,19 +403,22 @@ async fn run(
                     let _ = reply.send(Err(AdmissionError::Stopped));
                 }
                 Msg::Enqueue {
-                    request,
+                    requests,
                     priority,
                     reply,
                 } => {
                     let ticket = next_ticket;
                     next_ticket += 1;
-                    let reservation = reservation_of(&request);
+                    let reservation = reservation_of(&requests);
+                    let slots = requests.len();
                     let waiting = Waiting {
-                        request: *request,
+                        requests,
                         reply,
                         enqueued: now,
                     };
-                    if let Err((e, w)) = queue.push(ticket, priority, reservation, now, waiting) {
+                    if let Err((e, w)) =
+                        queue.push_group(ticket, priority, reservation, slots, now, waiting)
+                    {
                         let _ = w.reply.send(Err(e));
                     }
                 }
@@ -361,26 +436,32 @@ async fn run(
             admitted.push((ticket, w));
         }
         if !admitted.is_empty() {
-            m::record_admitted_batch(admitted.len());
+            let sizes: Vec<usize> = admitted.iter().map(|(_, w)| w.requests.len()).collect();
             let requests: Vec<pb::GenerateRequest> = admitted
                 .iter_mut()
-                .map(|(_, w)| std::mem::take(&mut w.request))
+                .flat_map(|(_, w)| std::mem::take(&mut w.requests))
                 .collect();
-            let handles = executor.submit_batch(requests);
-            for ((ticket, w), (guard, events)) in admitted.into_iter().zip(handles) {
+            m::record_admitted_batch(requests.len());
+            let mut handles = executor.submit_batch(requests).into_iter();
+            for ((ticket, w), size) in admitted.into_iter().zip(sizes) {
                 let queue_time = now.saturating_duration_since(w.enqueued);
                 m::record_queue_time(queue_time);
-                let admission = Admission {
-                    guard,
-                    rx: events,
-                    reservation: Reservation {
-                        ticket,
-                        tx: tx.clone(),
-                    },
-                    queue_time,
-                };
-                // A client that left just now: dropping the admission cancels and releases.
-                let _ = w.reply.send(Ok(admission));
+                let reservation = Arc::new(Reservation {
+                    ticket,
+                    tx: tx.clone(),
+                });
+                let admissions = handles
+                    .by_ref()
+                    .take(size)
+                    .map(|(guard, events)| Admission {
+                        guard,
+                        rx: events,
+                        reservation: reservation.clone(),
+                        queue_time,
+                    })
+                    .collect();
+                // A client that left just now: dropping the admissions cancels and releases.
+                let _ = w.reply.send(Ok(admissions));
             }
         }
         m::set_scheduler_state(queue.queued(), queue.running(), queue.used());
@@ -433,6 +514,44 @@ mod tests {
             .collect();
         assert_eq!(order, vec![3, 1]);
         assert_eq!(q.queued(), 0);
+    }
+
+    #[test]
+    fn a_group_is_admitted_whole_and_counts_each_sequence() {
+        let now = Instant::now();
+        let mut q = AdmissionQueue::new(100, 4);
+        q.push(1, 0, 10, now, "one").unwrap();
+        q.push_group(2, 0, 60, 3, now, "group").unwrap();
+        q.push(3, 0, 10, now, "after").unwrap();
+        assert_eq!(q.pop_admissible(|_| true).map(|x| x.1), Some("one"));
+        assert_eq!(q.pop_admissible(|_| true).map(|x| x.1), Some("group"));
+        assert_eq!(q.running(), 4);
+        assert_eq!(q.used(), 70);
+        // Four slots taken (1 + 3): the next waits for the group, whole.
+        assert_eq!(q.pop_admissible(|_| true), None);
+        q.release(2);
+        assert_eq!(q.running(), 1);
+        assert_eq!(q.pop_admissible(|_| true).map(|x| x.1), Some("after"));
+        // One that could never run whole is refused at once, naming the limit it breaks.
+        let wide = q.push_group(4, 0, 5, 5, now, "wide").unwrap_err().0;
+        assert_eq!(
+            wide,
+            AdmissionError::GroupTooWide {
+                sequences: 5,
+                max: 4
+            }
+        );
+        assert!(wide.to_string().contains("--max-batch-size"));
+        let large = q.push_group(5, 0, 101, 2, now, "large").unwrap_err().0;
+        assert!(matches!(
+            large,
+            AdmissionError::GroupTooLarge {
+                sequences: 2,
+                needed: 101,
+                budget: 100
+            }
+        ));
+        assert!(large.to_string().contains("--max-batch-total-tokens"));
     }
 
     #[test]
