@@ -114,6 +114,7 @@ async fn run(config: Config) -> Result<(), StartupError> {
         max_top_n_tokens: limits.max_top_n_tokens,
         max_stop_sequences: config.max_stop_sequences,
         max_stop_sequence_bytes: config.max_stop_sequence_bytes,
+        max_best_of: config.max_best_of,
         vocab_size: info.vocab_size,
         features: info.features.unwrap_or_default(),
     };
@@ -123,7 +124,7 @@ async fn run(config: Config) -> Result<(), StartupError> {
         model_dtype: info.dtype.clone(),
         model_device_type: info.device.clone(),
         max_concurrent_requests: config.max_concurrent_requests,
-        max_best_of: 1,
+        max_best_of: config.max_best_of,
         max_stop_sequences: config.max_stop_sequences,
         max_input_tokens,
         max_total_tokens,

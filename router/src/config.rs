@@ -42,6 +42,11 @@ pub struct Config {
     #[arg(long, default_value_t = 4)]
     pub max_stop_sequences: usize,
 
+    /// Most sequences one TGI `best_of` request may sample (1 turns `best_of` off), as TGI's
+    /// launcher flag; each reserves its own prompt + max_new_tokens.
+    #[arg(long, env = "MAX_BEST_OF", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_best_of: u32,
+
     /// Longest stop sequence, in bytes.
     #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     pub max_stop_sequence_bytes: usize,

@@ -164,6 +164,12 @@ impl RouterError {
             | ValidationError::TokenId { field, .. }
             | ValidationError::Invalid { field, .. } => field,
             ValidationError::Admission(_) => "max_new_tokens",
+            ValidationError::BestOf { .. }
+            | ValidationError::BestOfDisabled
+            | ValidationError::BestOfSampling
+            | ValidationError::BestOfStream => "best_of",
+            ValidationError::BestOfSeed => "seed",
+            ValidationError::PrefillDetailsStream => "decoder_input_details",
         })
     }
 }

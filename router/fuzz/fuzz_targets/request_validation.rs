@@ -30,6 +30,7 @@ fn limits() -> &'static [Limits; 2] {
                 max_top_n_tokens: 5,
                 max_stop_sequences: 4,
                 max_stop_sequence_bytes: 256,
+                max_best_of: 2,
                 vocab_size: 49152,
                 features: pb::Features {
                     logprobs: true,
@@ -41,6 +42,7 @@ fn limits() -> &'static [Limits; 2] {
                     frequency_penalty: true,
                     presence_penalty: true,
                     guided_decoding: true,
+                    prompt_logprobs: true,
                     ..Default::default()
                 },
             },
@@ -50,6 +52,7 @@ fn limits() -> &'static [Limits; 2] {
                 max_top_n_tokens: 0,
                 max_stop_sequences: 1,
                 max_stop_sequence_bytes: 2,
+                max_best_of: 1,
                 vocab_size: 100,
                 features: pb::Features::default(),
             },
@@ -115,6 +118,12 @@ fn check(p: &GenerateParameters, prompt_len: usize) {
             assert!(t >= 1 && t <= limits.max_input_tokens as usize, "{v:?}");
         }
         assert!(v.top_n_tokens <= limits.max_top_n_tokens, "{v:?}");
+        assert!(v.best_of >= 1 && v.best_of <= limits.max_best_of, "{v:?}");
+        assert!(v.best_of == 1 || s.do_sample, "best_of samples: {v:?}");
+        assert!(
+            !v.prompt_logprobs || limits.features.prompt_logprobs,
+            "{v:?}"
+        );
 
         // The prompt's token count is whatever the tokenizer made of it; any length will do.
         let ids: Vec<u32> = (0..prompt_len as u32).collect();

@@ -225,59 +225,102 @@ impl Infer {
     /// Takes a slot (or refuses with 429 at once), waits for admission by the scheduler
     /// (503 past --max-queue-wait-ms), and returns the generation's events.
     pub async fn start(&self, prepared: Prepared) -> Result<GenerationStream, RouterError> {
-        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
-            RouterError::Overloaded(format!(
-                "{} requests are in flight, the limit set by --max-concurrent-requests",
-                self.max_concurrent_requests
-            ))
-        })?;
+        self.start_group(vec![prepared])
+            .await?
+            .pop()
+            .ok_or_else(|| RouterError::Generation("the scheduler admitted nothing".into()))
+    }
+
+    /// Starts several generations admitted together (TGI `best_of`): one slot each, and one
+    /// reservation of their summed tokens, so either all run or none does yet.
+    pub async fn start_group(
+        &self,
+        prepared: Vec<Prepared>,
+    ) -> Result<Vec<GenerationStream>, RouterError> {
+        let n = u32::try_from(prepared.len()).unwrap_or(u32::MAX);
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| {
+                RouterError::Overloaded(format!(
+                    "{} requests are in flight, the limit set by --max-concurrent-requests{}",
+                    self.max_concurrent_requests,
+                    if n > 1 {
+                        format!(" (this one needs {n} slots, one per best_of sequence)")
+                    } else {
+                        String::new()
+                    },
+                ))
+            })?;
         if !self.executor.is_connected() {
             return Err(RouterError::Unavailable(
                 "the executor is not connected (starting or restarting)".into(),
             ));
         }
-        let request = pb::GenerateRequest {
-            id: 0,
-            input_ids: prepared.input_ids.clone(),
-            max_new_tokens: prepared.max_new_tokens,
-            sampling: Some(prepared.params.sampling.to_proto()),
-            stop_token_ids: prepared.params.stop_token_ids.clone(),
-            ignore_eos: prepared.params.ignore_eos,
-            return_logprobs: prepared.want_logprobs && self.limits.features.logprobs,
-            top_n_tokens: prepared.params.top_n_tokens,
-            priority: prepared.params.priority,
-            grammar: prepared.grammar.clone(),
-            min_new_tokens: prepared.params.min_new_tokens,
-            logit_bias: prepared.params.logit_bias.iter().copied().collect(),
-            return_prompt_logprobs: false,
-        };
-        let admission = self
+        let priority = prepared.first().map_or(0, |p| p.params.priority);
+        let requests = prepared.iter().map(|p| self.request(p)).collect();
+        let admissions = self
             .scheduler
-            .admit(request, prepared.params.priority)
+            .admit_group(requests, priority)
             .await
             .map_err(|e| match e {
-                AdmissionError::TooLarge { .. } => {
+                AdmissionError::TooLarge { .. }
+                | AdmissionError::GroupTooLarge { .. }
+                | AdmissionError::GroupTooWide { .. } => {
                     RouterError::Validation(validation::ValidationError::Admission(e.to_string()))
                 }
                 AdmissionError::QueueTimeout { .. } | AdmissionError::Stopped => {
                     RouterError::Unavailable(e.to_string())
                 }
             })?;
-        let held = Held {
-            guard: admission.guard,
-            reservation: admission.reservation,
-            permit,
-        };
-        Ok(GenerationStream::new(
-            admission.rx,
-            held,
-            self.tokenizer.clone(),
-            StreamSetup {
-                input_ids: prepared.input_ids,
-                max_new_tokens: prepared.max_new_tokens,
-                stop_sequences: prepared.params.stop_sequences,
-                seed: prepared.params.sampling.seed,
-            },
-        ))
+        let count = prepared.len();
+        let mut slots = Some(permit);
+        let mut streams = Vec::with_capacity(count);
+        for (i, (p, admission)) in prepared.into_iter().zip(admissions).enumerate() {
+            // One slot each; the last takes what is left.
+            let one = if i + 1 == count {
+                slots.take()
+            } else {
+                slots.as_mut().and_then(|s| s.split(1))
+            }
+            .ok_or_else(|| RouterError::Generation("a concurrency slot went missing".into()))?;
+            streams.push(GenerationStream::new(
+                admission.rx,
+                Held {
+                    guard: admission.guard,
+                    reservation: admission.reservation,
+                    permit: one,
+                },
+                self.tokenizer.clone(),
+                StreamSetup {
+                    input_ids: p.input_ids,
+                    max_new_tokens: p.max_new_tokens,
+                    stop_sequences: p.params.stop_sequences,
+                    seed: p.params.sampling.seed,
+                    prompt_logprobs: p.params.prompt_logprobs,
+                },
+            ));
+        }
+        Ok(streams)
+    }
+
+    /// The request as it is sent to the executor.
+    fn request(&self, p: &Prepared) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            id: 0,
+            input_ids: p.input_ids.clone(),
+            max_new_tokens: p.max_new_tokens,
+            sampling: Some(p.params.sampling.to_proto()),
+            stop_token_ids: p.params.stop_token_ids.clone(),
+            ignore_eos: p.params.ignore_eos,
+            return_logprobs: p.want_logprobs && self.limits.features.logprobs,
+            top_n_tokens: p.params.top_n_tokens,
+            priority: p.params.priority,
+            grammar: p.grammar.clone(),
+            min_new_tokens: p.params.min_new_tokens,
+            logit_bias: p.params.logit_bias.iter().copied().collect(),
+            return_prompt_logprobs: p.params.prompt_logprobs,
+        }
     }
 }

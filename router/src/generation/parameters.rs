@@ -7,8 +7,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
+    /// Sample this many sequences and answer the best (TGI); at most `max_best_of` (/info).
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 1)]
+    #[schema(minimum = 1)]
     pub best_of: Option<u32>,
     #[serde(default)]
     #[schema(exclusive_minimum = 0.0)]

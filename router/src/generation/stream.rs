@@ -3,6 +3,7 @@
 //! OpenAI, streaming or not) reads generations through this one type.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,19 @@ pub struct Token {
     pub text: String,
     pub logprob: Option<f32>,
     pub special: bool,
+}
+
+/// One prompt token as the engine scored it: TGI's `details.prefill`, OpenAI's echoed
+/// log probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptToken {
+    pub id: u32,
+    /// Decoded in sequence, so the texts concatenate to the prompt's (special tokens included).
+    pub text: String,
+    /// None for the first token (nothing before it predicts it), or a value JSON cannot carry.
+    pub logprob: Option<f32>,
+    /// The most likely tokens at its position, when alternatives were asked (never the first's).
+    pub top: Vec<Token>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,7 +80,7 @@ pub struct TokenEvent {
 /// What a generation holds while it runs; dropped with it, in this order.
 pub(crate) struct Held {
     pub guard: RequestGuard,
-    pub reservation: Reservation,
+    pub reservation: Arc<Reservation>,
     pub permit: OwnedSemaphorePermit,
 }
 
@@ -92,6 +106,8 @@ pub(crate) struct StreamSetup {
     pub max_new_tokens: u32,
     pub stop_sequences: Vec<String>,
     pub seed: Option<u64>,
+    /// The engine was asked for the prompt's log probabilities (on its first output).
+    pub prompt_logprobs: bool,
 }
 
 /// The events of one generation. Dropping it before the end cancels the request.
@@ -100,7 +116,7 @@ pub struct GenerationStream {
     guard: Option<RequestGuard>,
     // Fields drop in order: the executor cancel (guard) goes out before the budget is freed.
     // (None only in tests, which drive a stream without an executor.)
-    _reservation: Option<Reservation>,
+    _reservation: Option<Arc<Reservation>>,
     _permit: Option<OwnedSemaphorePermit>,
     _in_flight: InFlight,
     started: Instant,
@@ -115,6 +131,9 @@ pub struct GenerationStream {
     last_id: Option<u32>,
     seed: Option<u64>,
     input_length: u32,
+    /// The prompt, until its log probabilities arrive (only when they were asked for).
+    prompt_ids: Option<Vec<u32>>,
+    prefill: Option<Vec<PromptToken>>,
     queue: VecDeque<TokenEvent>,
     done: bool,
 }
@@ -164,6 +183,8 @@ impl GenerationStream {
             last_id: None,
             seed: setup.seed,
             input_length: setup.input_ids.len() as u32,
+            prompt_ids: setup.prompt_logprobs.then(|| setup.input_ids.clone()),
+            prefill: None,
             queue: VecDeque::new(),
             done: false,
         }
@@ -259,6 +280,23 @@ impl GenerationStream {
     }
 
     fn absorb(&mut self, out: pb::RequestOutput) -> Result<(), RouterError> {
+        let failed = matches!(
+            pb::FinishReason::try_from(out.finish_reason),
+            Ok(pb::FinishReason::Error | pb::FinishReason::Cancelled) | Err(_)
+        );
+        if !failed {
+            if let Some(ids) = self.prompt_ids.take() {
+                // The first output carries them (a failure's own message goes first, below).
+                match self.prompt_tokens(ids, &out) {
+                    Ok(prefill) => self.prefill = Some(prefill),
+                    Err(e) => {
+                        self.finish_guard();
+                        self.record_end("error");
+                        return Err(e);
+                    }
+                }
+            }
+        }
         let n = out.token_ids.len();
         self.record_timing(n);
         for (i, &id) in out.token_ids.iter().enumerate() {
@@ -344,6 +382,55 @@ impl GenerationStream {
         Ok(Some(self.end_info(finish, None)))
     }
 
+    /// The prompt's tokens with the log probabilities the engine sent on its first output.
+    fn prompt_tokens(
+        &self,
+        ids: Vec<u32>,
+        out: &pb::RequestOutput,
+    ) -> Result<Vec<PromptToken>, RouterError> {
+        let scored = ids.len().saturating_sub(1);
+        let tops = out.prompt_top_tokens.len();
+        if out.prompt_logprobs.len() != scored || (tops != 0 && tops != scored) {
+            return Err(RouterError::Generation(format!(
+                "the engine returned {} prompt log probabilities and {tops} sets of \
+                 alternatives for a prompt of {} tokens (expected {scored})",
+                out.prompt_logprobs.len(),
+                ids.len(),
+            )));
+        }
+        let tokenizer = self.tokenizer.tokenizer();
+        let mut decoder = IncrementalDecoder::new(&[]);
+        let mut texts: Vec<String> = ids.iter().map(|&id| decoder.push(tokenizer, id)).collect();
+        if let Some(last) = texts.last_mut() {
+            last.push_str(&decoder.flush(tokenizer));
+        }
+        Ok(ids
+            .into_iter()
+            .zip(texts)
+            .enumerate()
+            .map(|(i, (id, text))| {
+                let at = i.checked_sub(1);
+                PromptToken {
+                    id,
+                    text,
+                    logprob: at
+                        .and_then(|j| out.prompt_logprobs.get(j).copied())
+                        .filter(|l| l.is_finite()),
+                    top: at
+                        .and_then(|j| out.prompt_top_tokens.get(j))
+                        .map(|t| self.top_tokens(t))
+                        .unwrap_or_default(),
+                }
+            })
+            .collect())
+    }
+
+    /// The prompt's tokens and log probabilities, once the first output brought them (only
+    /// when they were asked for).
+    pub fn prefill(&self) -> Option<&[PromptToken]> {
+        self.prefill.as_deref()
+    }
+
     fn top_tokens(&self, t: &pb::TopTokens) -> Vec<Token> {
         t.ids
             .iter()
@@ -374,6 +461,8 @@ pub struct Completed {
     /// One list per token when alternatives were asked for; empty otherwise.
     pub top_tokens: Vec<Vec<Token>>,
     pub end: EndInfo,
+    /// The prompt's tokens and log probabilities, when they were asked for.
+    pub prefill: Option<Vec<PromptToken>>,
 }
 
 /// Runs a generation to its end. The one assembly path of every non-streaming answer.
@@ -393,6 +482,7 @@ pub async fn collect(mut stream: GenerationStream) -> Result<Completed, RouterEr
                 tokens,
                 top_tokens,
                 end,
+                prefill: stream.prefill.take(),
             });
         }
     }
@@ -444,6 +534,7 @@ mod tests {
                 max_new_tokens,
                 stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
                 seed: None,
+                prompt_logprobs: false,
             },
         );
         (s, tx, tokenizer)
@@ -517,6 +608,98 @@ mod tests {
             done.tokens.len(),
             5,
             "tokens after the stop are not reported"
+        );
+    }
+
+    fn stream_with_prompt(
+        prompt: Vec<u32>,
+    ) -> (GenerationStream, mpsc::UnboundedSender<ExecutorEvent>) {
+        let tokenizer = TextTokenizer::from_tokenizer(byte_level_tokenizer());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let s = GenerationStream::with(
+            rx,
+            None,
+            tokenizer,
+            StreamSetup {
+                input_ids: prompt,
+                max_new_tokens: 5,
+                stop_sequences: vec![],
+                seed: None,
+                prompt_logprobs: true,
+            },
+        );
+        (s, tx)
+    }
+
+    #[tokio::test]
+    async fn the_first_output_brings_the_prompt_tokens() {
+        let tok = TextTokenizer::from_tokenizer(byte_level_tokenizer());
+        let prompt = ids(&tok, "aé!"); // "é" spans two byte tokens
+        assert_eq!(prompt.len(), 4);
+        let (s, tx) = stream_with_prompt(prompt.clone());
+        tx.send(ExecutorEvent::Output(pb::RequestOutput {
+            request_id: 1,
+            token_ids: ids(&tok, "z"),
+            prompt_logprobs: vec![-1.0, f32::NEG_INFINITY, -3.0],
+            prompt_top_tokens: (0..3)
+                .map(|_| pb::TopTokens {
+                    ids: vec![prompt[1]],
+                    logprobs: vec![-0.5],
+                })
+                .collect(),
+            finish_reason: pb::FinishReason::Length as i32,
+            ..Default::default()
+        }))
+        .expect("send");
+        let done = collect(s).await.expect("completes");
+        let prefill = done.prefill.expect("asked for");
+        assert_eq!(prefill.iter().map(|p| p.id).collect::<Vec<_>>(), prompt);
+        let texts: Vec<&str> = prefill.iter().map(|p| p.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["a", "", "é", "!"],
+            "texts concatenate to the prompt"
+        );
+        let lps: Vec<Option<f32>> = prefill.iter().map(|p| p.logprob).collect();
+        assert_eq!(
+            lps,
+            [None, Some(-1.0), None, Some(-3.0)],
+            "none first; -inf has no JSON"
+        );
+        assert!(prefill[0].top.is_empty());
+        assert_eq!(prefill[1].top.len(), 1);
+        assert_eq!(prefill[1].top[0].logprob, Some(-0.5));
+    }
+
+    #[tokio::test]
+    async fn prompt_log_probabilities_of_the_wrong_length_fail_the_stream() {
+        let (s, tx) = stream_with_prompt(vec![1, 2, 3]);
+        tx.send(ExecutorEvent::Output(pb::RequestOutput {
+            request_id: 1,
+            token_ids: vec![4],
+            prompt_logprobs: vec![-1.0],
+            ..Default::default()
+        }))
+        .expect("send");
+        let e = collect(s).await.expect_err("fails");
+        assert!(
+            e.to_string().contains("1 prompt log probabilities")
+                && e.to_string().contains("prompt of 3 tokens (expected 2)"),
+            "{e}"
+        );
+        // An engine failure keeps its own message.
+        let (s, tx) = stream_with_prompt(vec![1, 2, 3]);
+        tx.send(ExecutorEvent::Output(pb::RequestOutput {
+            request_id: 1,
+            finish_reason: pb::FinishReason::Error as i32,
+            error: "boom".into(),
+            ..Default::default()
+        }))
+        .expect("send");
+        let e = collect(s).await.expect_err("fails");
+        assert!(
+            matches!(e, RouterError::Generation(ref m) if m == "boom"),
+            "{e}"
         );
     }
 

@@ -13,6 +13,8 @@ pub struct Limits {
     pub max_top_n_tokens: u32,
     pub max_stop_sequences: usize,
     pub max_stop_sequence_bytes: usize,
+    /// Most sequences one TGI `best_of` request may sample (router `--max-best-of`).
+    pub max_best_of: u32,
     /// Token ids are below it (logit_bias, stop_token_ids).
     pub vocab_size: u32,
     pub features: pb::Features,
@@ -62,6 +64,19 @@ pub enum ValidationError {
     /// The request can never be admitted (see scheduler::AdmissionError).
     #[error("{0}")]
     Admission(String),
+    // TGI's own messages (router/src/validation.rs) for best_of and prefill details.
+    #[error("`best_of` must be > 0 and <= {max}. Given: {given}")]
+    BestOf { max: u32, given: u32 },
+    #[error("`best_of` != 1 is not allowed for this endpoint (--max-best-of is 1)")]
+    BestOfDisabled,
+    #[error("you must use sampling when `best_of` is > 1")]
+    BestOfSampling,
+    #[error("`seed` must not be set when `best_of` > 1")]
+    BestOfSeed,
+    #[error("`best_of` != 1 is not supported when streaming tokens")]
+    BestOfStream,
+    #[error("`decoder_input_details` == true is not supported when streaming tokens")]
+    PrefillDetailsStream,
 }
 
 /// Sampling settings after defaults were applied.
@@ -106,6 +121,11 @@ pub struct ValidParameters {
     pub return_full_text: bool,
     pub top_n_tokens: u32,
     pub priority: i32,
+    /// Ask the engine for the prompt's log probabilities (TGI `decoder_input_details`, OpenAI
+    /// `echo` with `logprobs`).
+    pub prompt_logprobs: bool,
+    /// Sequences to sample, the best returned (TGI `best_of`); 1 otherwise.
+    pub best_of: u32,
     /// Compiled by the router before the request is queued (see `guided`), with the request
     /// field it came from (errors name it).
     pub grammar: Option<(GrammarSpec, &'static str)>,
@@ -134,21 +154,14 @@ pub fn validate_parameters(
     random_seed: impl FnOnce() -> u64,
 ) -> Result<ValidParameters, ValidationError> {
     let f = &limits.features;
-    if let Some(best_of) = p.best_of {
-        if best_of == 0 {
-            return Err(ValidationError::NotPositive("best_of", "0".into()));
-        }
-        if best_of > 1 {
-            return Err(unsupported("best_of", "only best_of = 1 is served"));
-        }
-    }
+    let best_of = best_of(p, limits)?;
     if p.watermark {
         return Err(unsupported("watermark", "no watermarking processor"));
     }
-    if p.decoder_input_details {
+    if p.decoder_input_details && !f.prompt_logprobs {
         return Err(unsupported(
             "decoder_input_details",
-            "the executor does not return prompt log probabilities",
+            "the engine does not return prompt log probabilities",
         ));
     }
     let grammar = match (&p.grammar, &p.guided) {
@@ -253,6 +266,9 @@ pub fn validate_parameters(
         if !f.seed && p.seed.is_some() {
             return Err(unsupported("seed", "seeded sampling"));
         }
+        if best_of > 1 && p.seed.is_some() {
+            return Err(ValidationError::BestOfSeed);
+        }
         Some(p.seed.unwrap_or_else(random_seed))
     } else {
         None
@@ -332,12 +348,48 @@ pub fn validate_parameters(
         return_full_text: p.return_full_text.unwrap_or(false),
         top_n_tokens,
         priority: p.priority.unwrap_or(0),
+        prompt_logprobs: p.decoder_input_details,
+        best_of,
         grammar,
         min_new_tokens: sampling_set.min_new_tokens,
         stop_token_ids: sampling_set.stop_token_ids,
         ignore_eos: sampling_set.ignore_eos,
         logit_bias: sampling_set.logit_bias,
     })
+}
+
+/// TGI's `best_of`: n samples of one prompt, the best returned. As TGI: sampling only, at most
+/// --max-best-of, and a seed is refused (each sequence gets its own). The best is picked by the
+/// generated tokens' log probabilities, so the engine must return them.
+fn best_of(p: &GenerateParameters, limits: &Limits) -> Result<u32, ValidationError> {
+    let n = match p.best_of {
+        None | Some(1) => return Ok(1),
+        Some(n) => n,
+    };
+    if limits.max_best_of == 1 {
+        return Err(ValidationError::BestOfDisabled);
+    }
+    if n == 0 || n > limits.max_best_of {
+        return Err(ValidationError::BestOf {
+            max: limits.max_best_of,
+            given: n,
+        });
+    }
+    let sampling = p.do_sample
+        || p.temperature.is_some()
+        || p.top_k.is_some()
+        || p.top_p.is_some()
+        || p.typical_p.is_some();
+    if !sampling {
+        return Err(ValidationError::BestOfSampling);
+    }
+    if !limits.features.logprobs {
+        return Err(unsupported(
+            "best_of",
+            "picking the best sequence needs token log probabilities, which it does not return",
+        ));
+    }
+    Ok(n)
 }
 
 /// TGI's `grammar`: `{"type": "json", "value": <schema, or a string of one>}` or
@@ -552,6 +604,7 @@ mod tests {
             max_top_n_tokens: 5,
             max_stop_sequences: 2,
             max_stop_sequence_bytes: 8,
+            max_best_of: 2,
             vocab_size: 100,
             features: pb::Features {
                 logprobs: true,
@@ -763,7 +816,6 @@ mod tests {
     #[test]
     fn unsupported_features_are_refused_not_ignored() {
         for (json, name) in [
-            (r#"{"best_of":2}"#, "best_of"),
             (r#"{"watermark":true}"#, "watermark"),
             (r#"{"decoder_input_details":true}"#, "decoder_input_details"),
             (r#"{"typical_p":0.5}"#, "typical_p"),
@@ -777,6 +829,66 @@ mod tests {
         }
         // Neutral values are not a request for the feature.
         assert!(check(r#"{"repetition_penalty":1.0,"typical_p":1.0}"#).is_ok());
+    }
+
+    #[test]
+    fn best_of_follows_tgi() {
+        let p = check(r#"{"best_of":2,"do_sample":true}"#).expect("valid");
+        assert_eq!(p.best_of, 2);
+        assert!(p.sampling.seed.is_some(), "each sequence gets a seed");
+        assert_eq!(check(r#"{"best_of":1}"#).expect("valid").best_of, 1);
+        for (json, want) in [
+            (
+                r#"{"best_of":3,"do_sample":true}"#,
+                "`best_of` must be > 0 and <= 2. Given: 3",
+            ),
+            (
+                r#"{"best_of":0,"do_sample":true}"#,
+                "`best_of` must be > 0 and <= 2. Given: 0",
+            ),
+            (
+                r#"{"best_of":2}"#,
+                "you must use sampling when `best_of` is > 1",
+            ),
+            (
+                r#"{"best_of":2,"temperature":0.5,"seed":3}"#,
+                "`seed` must not be set when `best_of` > 1",
+            ),
+        ] {
+            assert_eq!(check(json).expect_err(json).to_string(), want);
+        }
+        let mut one = limits();
+        one.max_best_of = 1;
+        let e = validate_parameters(&params(r#"{"best_of":2,"do_sample":true}"#), &one, || 1)
+            .expect_err("disabled");
+        assert_eq!(e, ValidationError::BestOfDisabled);
+        let mut no_logprobs = limits();
+        no_logprobs.features.logprobs = false;
+        let e = validate_parameters(
+            &params(r#"{"best_of":2,"do_sample":true}"#),
+            &no_logprobs,
+            || 1,
+        )
+        .expect_err("no logprobs");
+        assert!(
+            matches!(e, ValidationError::Unsupported("best_of", _)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn decoder_input_details_needs_the_engine() {
+        let e = check(r#"{"decoder_input_details":true}"#).expect_err("not claimed");
+        assert!(
+            matches!(e, ValidationError::Unsupported("decoder_input_details", _)),
+            "{e}"
+        );
+        let mut l = limits();
+        l.features.prompt_logprobs = true;
+        let p = validate_parameters(&params(r#"{"decoder_input_details":true}"#), &l, || 1)
+            .expect("claimed");
+        assert!(p.prompt_logprobs);
+        assert!(!check("{}").expect("valid").prompt_logprobs);
     }
 
     #[test]

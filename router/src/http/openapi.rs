@@ -9,9 +9,9 @@ use crate::http::openai::schemas::{
     MessageContent, StreamOptions, StringOrList,
 };
 use crate::http::tgi::schemas::{
-    ChatTokenizeResponse, Details, FinishReason, GenerateParameters, GenerateRequest,
-    GenerateResponse, Info, PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token,
-    TokenizeRequest,
+    BestOfSequence, ChatTokenizeResponse, Details, FinishReason, GenerateParameters,
+    GenerateRequest, GenerateResponse, Info, PrefillToken, SimpleToken, StreamDetails,
+    StreamResponse, Token, TokenizeRequest,
 };
 
 #[derive(OpenApi)]
@@ -39,6 +39,7 @@ use crate::http::tgi::schemas::{
         GenerateParameters,
         GenerateResponse,
         Details,
+        BestOfSequence,
         Token,
         PrefillToken,
         FinishReason,

@@ -92,6 +92,11 @@ pub struct Choice {
     pub offset: usize,
     /// Reads tool calls out of the text (a chat request with tools).
     tools: Option<ToolCallReader>,
+    /// The prompt's log probabilities go first (legacy completions with `echo` and `logprobs`).
+    pub prompt_logprobs: bool,
+    /// Streamed: text sent at the head of the choice's first chunk (an echo that travels with
+    /// the prompt's log probabilities, which come with the first token).
+    pub lead: String,
 }
 
 impl Choice {
@@ -124,6 +129,8 @@ pub async fn start(
             logprobs,
             offset: 0,
             tools: None,
+            prompt_logprobs: false,
+            lead: String::new(),
         });
     }
     Ok(choices)
@@ -158,14 +165,20 @@ struct Streaming {
     /// What passed the stop-sequence hold-back goes through it when the choice is read for
     /// tool calls: content, then each call's name and arguments.
     tools: Option<ToolCallStream>,
+    /// The prompt's log probabilities are still to be put before the first token's.
+    prompt_pending: bool,
+    /// Text for the head of the first chunk, until it is sent.
+    lead: Option<String>,
 }
 
 impl Streaming {
-    fn new(choice: Choice, stops: &[String]) -> Self {
+    fn new(mut choice: Choice, stops: &[String]) -> Self {
         Self {
             hold: StopSequences::new(stops.to_vec()).hold_back(),
             pending: choice.logprobs.then(Vec::new),
             tools: choice.tools.as_ref().map(ToolCallReader::stream),
+            prompt_pending: choice.logprobs && choice.prompt_logprobs,
+            lead: Some(std::mem::take(&mut choice.lead)).filter(|l| !l.is_empty()),
             choice,
             text: String::new(),
             sent: 0,
@@ -173,11 +186,30 @@ impl Streaming {
     }
 
     async fn next(&mut self) -> Option<ChoiceEvent> {
+        let mut ev = self.advance().await?;
+        if let ChoiceEvent::Delta { text, .. } | ChoiceEvent::End { text, .. } = &mut ev {
+            if let Some(lead) = self.lead.take() {
+                text.insert_str(0, &lead);
+            }
+        }
+        Some(ev)
+    }
+
+    async fn advance(&mut self) -> Option<ChoiceEvent> {
         loop {
             let ev = match self.choice.stream.next().await? {
                 Ok(ev) => ev,
                 Err(e) => return Some(ChoiceEvent::Error(e)),
             };
+            if self.prompt_pending {
+                // The first output brought them: they go out ahead of the first token's.
+                if let (Some(prefill), Some(pending)) =
+                    (self.choice.stream.prefill(), self.pending.as_mut())
+                {
+                    pending.extend(TokenLogprob::prompt(prefill));
+                    self.prompt_pending = false;
+                }
+            }
             if let Some(token) = &ev.token {
                 if let Some(pending) = self.pending.as_mut() {
                     pending.push(TokenLogprob::from_token(
@@ -253,21 +285,24 @@ async fn finish(choice: Choice) -> Result<(FinishedChoice, u32), RouterError> {
         logprobs,
         mut offset,
         tools,
+        prompt_logprobs,
+        lead: _,
     } = choice;
     let done = collect(stream).await?;
     let logprobs = logprobs.then(|| {
-        done.tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let top = done.top_tokens.get(i).map(Vec::as_slice).unwrap_or(&[]);
-                let entry = TokenLogprob::from_token(t, top, offset);
-                if !t.special {
-                    offset += t.text.chars().count();
-                }
-                entry
-            })
-            .collect()
+        let prompt = match (prompt_logprobs, done.prefill.as_deref()) {
+            (true, Some(prefill)) => TokenLogprob::prompt(prefill),
+            _ => Vec::new(),
+        };
+        let generated = done.tokens.iter().enumerate().map(|(i, t)| {
+            let top = done.top_tokens.get(i).map(Vec::as_slice).unwrap_or(&[]);
+            let entry = TokenLogprob::from_token(t, top, offset);
+            if !t.special {
+                offset += t.text.chars().count();
+            }
+            entry
+        });
+        prompt.into_iter().chain(generated).collect()
     });
     let text = done.end.text_before_stop();
     let finish = finish_reason(done.end.finish_reason);

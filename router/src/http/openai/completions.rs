@@ -65,7 +65,20 @@ pub async fn completions(
         ));
     }
     if req.best_of.is_some_and(|b| b > 1) {
-        return Err(unsupported("best_of", "only best_of = 1 is served"));
+        return Err(unsupported(
+            "best_of",
+            "only best_of = 1 is served on /v1/completions (TGI's /generate serves best_of)",
+        ));
+    }
+    // `echo` with `logprobs`: the prompt's tokens come first in `logprobs`, the first with null
+    // (as OpenAI and vLLM answer), which needs the engine to score the prompt.
+    let prompt_logprobs = req.echo && want_logprobs;
+    if prompt_logprobs && !state.infer.features().prompt_logprobs {
+        return Err(unsupported(
+            "echo",
+            "`echo` with `logprobs` needs the prompt's log probabilities, which the engine does \
+             not return",
+        ));
     }
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(unsupported("suffix", "no fill-in-the-middle"));
@@ -90,6 +103,7 @@ pub async fn completions(
     }
     let mut params = to_generate_parameters(&req.common, req.max_tokens.or(Some(16)))?;
     params.top_n_tokens = req.logprobs.filter(|n| *n > 0);
+    params.decoder_input_details = prompt_logprobs;
     // Every prompt is validated before any starts, so a bad one refuses the whole request.
     let mut prepared = Vec::with_capacity(prompts.len());
     for p in &prompts {
@@ -121,7 +135,14 @@ pub async fn completions(
         };
         for mut c in choices::start(&state, p, n, pi as u32 * n, want_logprobs).await? {
             c.offset = echo.chars().count();
-            echoes.push(echo.clone());
+            c.prompt_logprobs = prompt_logprobs;
+            if prompt_logprobs && req.common.stream {
+                // Streamed, the echo waits for the first token, which brings its logprobs.
+                c.lead = echo.clone();
+                echoes.push(String::new());
+            } else {
+                echoes.push(echo.clone());
+            }
             all.push(c);
         }
     }

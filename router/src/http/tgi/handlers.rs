@@ -12,15 +12,15 @@ use futures::Stream;
 
 use crate::errors::RouterError;
 use crate::generation::parameters::GenerateParameters;
-use crate::generation::stream::{collect, GenerationStream};
+use crate::generation::stream::{collect, Completed, GenerationStream, PromptToken};
 use crate::generation::validation::ValidationError;
 use crate::http::extract::TgiJson;
 use crate::http::openai::schemas::ChatCompletionRequest;
 use crate::http::responses::{TgiAuthErrors, TgiErrors};
 use crate::http::state::AppState;
 use crate::http::tgi::schemas::{
-    ChatTokenizeResponse, Details, GenerateRequest, GenerateResponse, Info, SimpleToken,
-    TokenizeRequest,
+    BestOfSequence, ChatTokenizeResponse, Details, GenerateRequest, GenerateResponse, Info,
+    PrefillToken, SimpleToken, TokenizeRequest,
 };
 use crate::http::tgi::sse;
 use crate::pb;
@@ -197,30 +197,101 @@ pub async fn generate(
     TgiJson(req): TgiJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, RouterError> {
     let (mut prepared, prompt_text) = prepare(&state, &req).await?;
-    let want_details = prepared.params.details;
+    // As TGI: prefill details come inside `details`.
+    let want_details = prepared.params.details || prepared.params.prompt_logprobs;
     let full_text = prepared.params.return_full_text;
-    // TGI shows log probabilities in `details.tokens` only.
-    prepared.want_logprobs |= want_details;
-    let done = collect(state.infer.start(prepared).await?).await?;
-    let end = done.end;
-    let generated_text = if full_text {
-        format!("{prompt_text}{}", end.generated_text)
+    let best_of = prepared.params.best_of;
+    // TGI shows log probabilities in `details.tokens` only; best_of ranks sequences by them.
+    prepared.want_logprobs |= want_details || best_of > 1;
+    let mut done = if best_of > 1 {
+        // As TGI: n requests of the prompt, each with its own random seed (a given seed is
+        // refused), admitted together.
+        let group = (0..best_of)
+            .map(|_| {
+                let mut p = prepared.clone();
+                p.params.sampling.seed = Some(rand::random());
+                p
+            })
+            .collect();
+        let streams = state.infer.start_group(group).await?;
+        futures::future::try_join_all(streams.into_iter().map(collect)).await?
     } else {
-        end.generated_text
+        vec![collect(state.infer.start(prepared).await?).await?]
     };
-    let details = want_details.then(|| Details {
-        finish_reason: end.finish_reason,
-        generated_tokens: end.generated_tokens,
-        seed: end.seed,
-        input_length: end.input_length,
-        prefill: vec![],
-        tokens: done.tokens,
-        top_tokens: done.top_tokens,
+    let best = done.remove(best_sequence(&done));
+    let text = |generated: String| {
+        if full_text {
+            format!("{prompt_text}{generated}")
+        } else {
+            generated
+        }
+    };
+    let details = want_details.then(|| {
+        let best_of_sequences = (best_of > 1).then(|| {
+            done.into_iter()
+                .map(|d| BestOfSequence {
+                    finish_reason: d.end.finish_reason,
+                    generated_tokens: d.end.generated_tokens,
+                    seed: d.end.seed,
+                    prefill: prefill(d.prefill.as_deref()),
+                    tokens: d.tokens,
+                    top_tokens: d.top_tokens,
+                    generated_text: text(d.end.generated_text),
+                })
+                .collect()
+        });
+        Details {
+            finish_reason: best.end.finish_reason,
+            generated_tokens: best.end.generated_tokens,
+            seed: best.end.seed,
+            input_length: best.end.input_length,
+            prefill: prefill(best.prefill.as_deref()),
+            tokens: best.tokens,
+            best_of_sequences,
+            top_tokens: best.top_tokens,
+        }
     });
     Ok(Json(GenerateResponse {
-        generated_text,
+        generated_text: text(best.end.generated_text),
         details,
     }))
+}
+
+/// TGI's choice among `best_of` sequences (router/src/infer/mod.rs `generate_best_of`): the
+/// highest mean log probability of the generated tokens; the first on a tie. (The same as the
+/// highest cumulative log probability when the sequences have the same length.)
+fn best_sequence(done: &[Completed]) -> usize {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, d) in done.iter().enumerate() {
+        let sum: f32 = d
+            .tokens
+            .iter()
+            .map(|t| t.logprob.unwrap_or(f32::NEG_INFINITY))
+            .sum();
+        let mean = if d.tokens.is_empty() {
+            f32::NEG_INFINITY
+        } else {
+            sum / d.tokens.len() as f32
+        };
+        if mean > best.1 {
+            best = (i, mean);
+        }
+    }
+    best.0
+}
+
+/// TGI's `details.prefill`: every prompt token, the first with a null logprob (empty unless
+/// `decoder_input_details`).
+fn prefill(tokens: Option<&[PromptToken]>) -> Vec<PrefillToken> {
+    tokens
+        .unwrap_or_default()
+        .iter()
+        .map(|p| PrefillToken {
+            id: p.id,
+            text: p.text.clone(),
+            logprob: p.logprob,
+        })
+        .collect()
 }
 
 #[utoipa::path(post, path = "/generate_stream", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "Server-sent events, one StreamResponse per token", body = crate::http::tgi::schemas::StreamResponse, content_type = "text/event-stream"), TgiErrors))]
@@ -228,6 +299,14 @@ pub async fn generate_stream(
     State(state): State<AppState>,
     TgiJson(req): TgiJson<GenerateRequest>,
 ) -> Response {
+    // As TGI, neither is streamed (TGI answers these in an error event; before the first byte
+    // they get their 422 here, as every other validation error does).
+    if req.parameters.best_of.unwrap_or(1) != 1 {
+        return RouterError::from(ValidationError::BestOfStream).into_response();
+    }
+    if req.parameters.decoder_input_details {
+        return RouterError::from(ValidationError::PrefillDetailsStream).into_response();
+    }
     // Errors before the first byte get a proper status; later ones an error event.
     let (mut prepared, prompt_text) = match prepare(&state, &req).await {
         Ok(p) => p,
@@ -266,5 +345,72 @@ fn events(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::stream::{EndInfo, FinishReason, Token};
+
+    fn done(logprobs: &[f32]) -> Completed {
+        Completed {
+            tokens: logprobs
+                .iter()
+                .map(|&l| Token {
+                    id: 1,
+                    text: "x".into(),
+                    logprob: Some(l),
+                    special: false,
+                })
+                .collect(),
+            top_tokens: vec![],
+            end: EndInfo {
+                finish_reason: FinishReason::Length,
+                generated_text: String::new(),
+                stop_at: None,
+                generated_tokens: logprobs.len() as u32,
+                seed: None,
+                input_length: 1,
+            },
+            prefill: None,
+        }
+    }
+
+    #[test]
+    fn best_of_picks_the_highest_mean_logprob_as_tgi() {
+        // Cumulative: -3.0 vs -2.0; per token: -1.0 vs -2.0. TGI ranks by the mean.
+        assert_eq!(
+            best_sequence(&[done(&[-1.0, -1.0, -1.0]), done(&[-2.0])]),
+            0
+        );
+        assert_eq!(
+            best_sequence(&[done(&[-2.0, -2.0]), done(&[-0.5, -1.5])]),
+            1
+        );
+        // A tie keeps the first; a sequence without log probabilities never wins.
+        assert_eq!(best_sequence(&[done(&[-1.0]), done(&[-1.0])]), 0);
+        let mut missing = done(&[-0.1]);
+        missing.tokens[0].logprob = None;
+        assert_eq!(best_sequence(&[missing, done(&[-5.0])]), 1);
+    }
+
+    #[test]
+    fn prefill_is_every_prompt_token_the_first_without_a_logprob() {
+        let p = |id, logprob| PromptToken {
+            id,
+            text: format!("t{id}"),
+            logprob,
+            top: vec![],
+        };
+        let shown = prefill(Some(&[p(7, None), p(8, Some(-0.25))]));
+        assert_eq!(
+            serde_json::to_value(&shown).expect("json"),
+            serde_json::json!([
+                {"id": 7, "text": "t7", "logprob": null},
+                {"id": 8, "text": "t8", "logprob": -0.25}
+            ])
+        );
+        assert!(prefill(None).is_empty());
     }
 }

@@ -30,14 +30,31 @@ pub struct PrefillToken {
     pub logprob: Option<f32>,
 }
 
+/// One of the other sequences of a `best_of` request (TGI's shape).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BestOfSequence {
+    pub generated_text: String,
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<Token>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Details {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+    /// With `decoder_input_details`: the prompt's tokens, the first with a null logprob.
     pub prefill: Vec<PrefillToken>,
     pub tokens: Vec<Token>,
+    /// With `best_of` > 1: the sequences that were not the best.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_of_sequences: Option<Vec<BestOfSequence>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_tokens: Vec<Vec<Token>>,
 }
