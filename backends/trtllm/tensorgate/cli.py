@@ -48,6 +48,12 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--payload-limit", type=int, default=2_000_000, help="largest body (bytes)")
     s.add_argument(
+        "--max-best-of",
+        type=int,
+        default=2,
+        help="most sequences one TGI best_of request may sample (1 turns best_of off)",
+    )
+    s.add_argument(
         "--api-key",
         default=os.environ.get("TENSORGATE_API_KEY"),
         help="require `Authorization: Bearer KEY` on every route but /health "
@@ -126,6 +132,7 @@ def _router_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
     ]
     if a.max_batch_total_tokens is not None:
         args += ["--max-batch-total-tokens", str(a.max_batch_total_tokens)]
+    args += ["--max-best-of", str(a.max_best_of)]
     for origin in a.cors_allow_origin:
         args += ["--cors-allow-origin", origin]
     if a.max_input_tokens is not None:
