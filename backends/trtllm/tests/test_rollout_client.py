@@ -17,6 +17,7 @@ from aiohttp import web
 from safetensors.torch import load as load_safetensors
 
 from tensorgate.rollout import (
+    AbortedError,
     AuthenticationError,
     ConflictError,
     PayloadTooLargeError,
@@ -173,6 +174,12 @@ def test_temperature_zero_is_greedy_without_seed_or_sampling_fields():
             },
             AuthenticationError,
             "bad key",
+        ),
+        (
+            503,
+            {"error": "aborted by /abort_request", "error_type": "aborted"},
+            AbortedError,
+            "aborted by",
         ),
         (404, None, RouteNotFoundError, "--enable-rl-control"),
         (

@@ -12,6 +12,7 @@ Needs aiohttp (`pip install 'tensorgate[rollout]'`).
 
 from tensorgate.rollout.client import DEFAULT_BUCKET_BYTES, RolloutClient
 from tensorgate.rollout.errors import (
+    AbortedError,
     AuthenticationError,
     ConflictError,
     GenerationError,
@@ -30,6 +31,7 @@ from tensorgate.rollout.types import ControlResult, Sample, SamplingParams, Upda
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
+    "AbortedError",
     "AuthenticationError",
     "ConflictError",
     "ControlResult",

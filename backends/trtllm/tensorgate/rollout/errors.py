@@ -71,8 +71,13 @@ class UnavailableError(RolloutError):
     shutting down."""
 
 
+class AbortedError(UnavailableError):
+    """503 with error_type `aborted`: the request was aborted by /abort_request, a pause in
+    mode abort, or an update with abort_all_requests."""
+
+
 class ServerError(RolloutError):
-    """Any other failure status (5xx)."""
+    """Any other failure status."""
 
 
 _BY_STATUS: dict[int, type[RolloutError]] = {
@@ -122,6 +127,8 @@ def error_from_response(status: int, text: str, route: str) -> RolloutError:
             )
     if status == 503 and error_type == "sleeping":
         cls: type[RolloutError] = SleepingError
+    elif status == 503 and error_type == "aborted":
+        cls = AbortedError
     else:
         cls = _BY_STATUS.get(status, ServerError)
     return cls(message, status=status, error_type=error_type, route=route)
