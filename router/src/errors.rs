@@ -23,18 +23,57 @@ pub enum RouterError {
     Template(String),
     #[error("Unauthorized: {0}")]
     Unauthorized(String),
+    /// A control payload field that is malformed (bad base64, wrong type, unknown field).
+    #[error("`{field}` is invalid: {reason}")]
+    BadPayload { field: String, reason: String },
+    /// The executor refused a control payload (INVALID_ARGUMENT): its message names the
+    /// tensor or field, and nothing was changed.
+    #[error("The executor refused the request: {0}")]
+    Rejected(String),
+    #[error("Request body too large: {0}")]
+    PayloadTooLarge(String),
+    #[error("Unsupported media type: {0}")]
+    UnsupportedMediaType(String),
+    #[error("Not found: {0}")]
+    NotFound(String),
+    /// The server's state forbids the operation now (FAILED_PRECONDITION, or a pause in the way).
+    #[error("Conflict: {0}")]
+    Conflict(String),
+    /// The engine cannot do it (gRPC UNIMPLEMENTED); the message names the engine.
+    #[error("Not implemented: {0}")]
+    NotImplemented(String),
+    /// Engine memory is released (/release_memory): generation waits for /resume_memory.
+    #[error("The engine is sleeping: {0}")]
+    Sleeping(String),
+    /// Ended by the control plane (/abort_request, /pause_generation, an update with
+    /// abort_all_requests).
+    #[error("Request aborted: {0}")]
+    Aborted(String),
+    /// A control operation failed inside the executor for a reason that is not the caller's.
+    #[error("Control operation failed: {0}")]
+    ControlFailed(String),
 }
 
 impl RouterError {
     pub fn status(&self) -> StatusCode {
         match self {
-            RouterError::Validation(_) | RouterError::Tokenizer(_) | RouterError::Template(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            RouterError::Validation(_)
+            | RouterError::Tokenizer(_)
+            | RouterError::Template(_)
+            | RouterError::BadPayload { .. }
+            | RouterError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             RouterError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             RouterError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::Unavailable(_) | RouterError::Sleeping(_) | RouterError::Aborted(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RouterError::Generation(_) => StatusCode::FAILED_DEPENDENCY,
+            RouterError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            RouterError::NotFound(_) => StatusCode::NOT_FOUND,
+            RouterError::Conflict(_) => StatusCode::CONFLICT,
+            RouterError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            RouterError::ControlFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -47,6 +86,15 @@ impl RouterError {
             RouterError::Unavailable(_) => "unavailable",
             RouterError::Generation(_) => "generation",
             RouterError::Unauthorized(_) => "authentication",
+            RouterError::BadPayload { .. } | RouterError::Rejected(_) => "validation",
+            RouterError::PayloadTooLarge(_) => "payload_too_large",
+            RouterError::UnsupportedMediaType(_) => "unsupported_media_type",
+            RouterError::NotFound(_) => "not_found",
+            RouterError::Conflict(_) => "conflict",
+            RouterError::NotImplemented(_) => "not_implemented",
+            RouterError::Sleeping(_) => "sleeping",
+            RouterError::Aborted(_) => "aborted",
+            RouterError::ControlFailed(_) => "control_failed",
         }
     }
 
@@ -58,14 +106,27 @@ impl RouterError {
             | RouterError::Tokenizer(_)
             | RouterError::Template(_)
             | RouterError::Unauthorized(_)
-            | RouterError::Overloaded(_) => true,
-            RouterError::Unavailable(_) | RouterError::Generation(_) => false,
+            | RouterError::Overloaded(_)
+            | RouterError::BadPayload { .. }
+            | RouterError::Rejected(_)
+            | RouterError::PayloadTooLarge(_)
+            | RouterError::UnsupportedMediaType(_)
+            | RouterError::NotFound(_)
+            | RouterError::Conflict(_) => true,
+            RouterError::Unavailable(_)
+            | RouterError::Generation(_)
+            | RouterError::NotImplemented(_)
+            | RouterError::Sleeping(_)
+            | RouterError::Aborted(_)
+            | RouterError::ControlFailed(_) => false,
         }
     }
 
     /// Logs a failure that is not the client's at warn level, once, where it is answered.
+    /// A sleeping engine and an operator's abort are states the operator chose, not failures.
     pub fn log(&self) {
-        if !self.is_client_fault() {
+        let chosen = matches!(self, RouterError::Sleeping(_) | RouterError::Aborted(_));
+        if !self.is_client_fault() && !chosen {
             tracing::warn!(error = %self, status = self.status().as_u16(), "request failed");
         }
     }

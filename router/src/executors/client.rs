@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -22,6 +22,9 @@ pub enum ExecutorEvent {
     Output(pb::RequestOutput),
     /// The connection broke; the request is lost.
     Disconnected(String),
+    /// Ended by rollout control (/abort_request, a pause or update that aborts); it has been
+    /// cancelled in the executor.
+    Aborted(String),
 }
 
 enum Command {
@@ -29,6 +32,11 @@ enum Command {
     Cancel(u64),
     /// Ends every live request with this reason (and cancels it in the executor).
     FailAll(String),
+    /// Ends these live requests (None: every one) as aborted, cancels them in the executor,
+    /// and answers how many there were.
+    Abort(Option<Vec<u64>>, String, oneshot::Sender<usize>),
+    /// Answered once no request is live in the executor (at once if none is).
+    WhenIdle(oneshot::Sender<()>),
 }
 
 pub type Submitted = (RequestGuard, mpsc::UnboundedReceiver<ExecutorEvent>);
@@ -52,6 +60,8 @@ pub struct ExecutorHandle {
     next_id: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
     socket: Arc<PathBuf>,
+    /// Counts connections made: a new value means the executor may have restarted.
+    connections: watch::Receiver<u64>,
 }
 
 /// Cancels the request in the executor when dropped before it finished
@@ -63,6 +73,11 @@ pub struct RequestGuard {
 }
 
 impl RequestGuard {
+    /// The request's id in the executor.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn finish(&mut self) {
         self.finished = true;
     }
@@ -81,14 +96,41 @@ impl ExecutorHandle {
     pub fn spawn(socket: PathBuf) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
+        let (epoch_tx, epoch_rx) = watch::channel(0);
         let handle = Self {
             commands: tx,
             next_id: Arc::new(AtomicU64::new(1)),
             connected: connected.clone(),
             socket: Arc::new(socket.clone()),
+            connections: epoch_rx,
         };
-        tokio::spawn(dispatch(socket, rx, connected));
+        tokio::spawn(dispatch(socket, rx, connected, epoch_tx));
         handle
+    }
+
+    /// Changes each time the dispatcher connects (the executor may have restarted since).
+    pub fn connections(&self) -> watch::Receiver<u64> {
+        self.connections.clone()
+    }
+
+    /// Ends these live requests (None: every one) as aborted with `reason`: each stream gets
+    /// it as its last event, and the executor is told to cancel them. Returns how many were
+    /// live; requests submitted before the call are counted.
+    pub async fn abort(&self, ids: Option<Vec<u64>>, reason: String) -> usize {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Abort(ids, reason, tx)).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    /// Resolves once no request is live in the executor: each has finished, or been
+    /// cancelled, aborted or lost. Requests submitted before the call are counted.
+    pub async fn idle(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::WhenIdle(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -97,6 +139,18 @@ impl ExecutorHandle {
 
     pub async fn client(&self) -> Result<ExecutorClient<Channel>, tonic::transport::Error> {
         Ok(ExecutorClient::new(connect_channel(&self.socket).await?))
+    }
+
+    /// A client for the rollout-control RPCs, whose messages may be as large as the control
+    /// routes' bodies (--rl-max-payload-bytes): weight payloads. tonic's default limit (4 MiB
+    /// decoding) stays on every other call.
+    pub async fn control_client(
+        &self,
+        max_message_bytes: usize,
+    ) -> Result<ExecutorClient<Channel>, tonic::transport::Error> {
+        Ok(ExecutorClient::new(connect_channel(&self.socket).await?)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes))
     }
 
     /// Ends every request in flight with `reason` (the shutdown timeout ran out): each stream
@@ -153,8 +207,10 @@ async fn dispatch(
     socket: PathBuf,
     mut commands: mpsc::UnboundedReceiver<Command>,
     connected: Arc<AtomicBool>,
+    epoch: watch::Sender<u64>,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let mut idle_waiters: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         let stream = open_stream(&socket).await;
         let (outbound, mut inbound) = match stream {
@@ -172,6 +228,13 @@ async fn dispatch(
                                     let _ = tx.send(ExecutorEvent::Disconnected(format!("executor unavailable: {e}")));
                                 }
                             }
+                            // Nothing is live while disconnected.
+                            Some(Command::WhenIdle(tx)) => {
+                                let _ = tx.send(());
+                            }
+                            Some(Command::Abort(_, _, tx)) => {
+                                let _ = tx.send(0);
+                            }
                             Some(Command::Cancel(_) | Command::FailAll(_)) => {}
                             None => return,
                         }
@@ -183,6 +246,7 @@ async fn dispatch(
         };
         tracing::info!(socket = %socket.display(), "connected to executor");
         connected.store(true, Ordering::Release);
+        epoch.send_modify(|n| *n += 1);
         crate::metrics::set_executor_connected(true);
         backoff = Duration::from_millis(50);
         let mut pending: Pending = HashMap::new();
@@ -192,11 +256,12 @@ async fn dispatch(
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { return };
                     let mut batch = pb::GenerateCommand::default();
-                    apply(cmd, &mut pending, &mut batch);
+                    apply(cmd, &mut pending, &mut batch, &mut idle_waiters);
                     // Coalesce everything already waiting into one message.
                     while let Ok(cmd) = commands.try_recv() {
-                        apply(cmd, &mut pending, &mut batch);
+                        apply(cmd, &mut pending, &mut batch, &mut idle_waiters);
                     }
+                    notify_if_idle(&pending, &mut idle_waiters);
                     if batch.requests.is_empty() && batch.cancel_ids.is_empty() {
                         continue;
                     }
@@ -205,7 +270,10 @@ async fn dispatch(
                     }
                 }
                 msg = inbound.message() => match msg {
-                    Ok(Some(iteration)) => route(iteration, &mut pending),
+                    Ok(Some(iteration)) => {
+                        route(iteration, &mut pending);
+                        notify_if_idle(&pending, &mut idle_waiters);
+                    }
                     Ok(None) => break "executor closed the generate stream".to_string(),
                     Err(status) => break format!("executor stream failed: {}", status.message()),
                 }
@@ -216,6 +284,15 @@ async fn dispatch(
         tracing::error!(%reason, in_flight = pending.len(), "lost the executor");
         for (_, Route { tx, .. }) in pending.drain() {
             let _ = tx.send(ExecutorEvent::Disconnected(reason.clone()));
+        }
+        notify_if_idle(&pending, &mut idle_waiters);
+    }
+}
+
+fn notify_if_idle(pending: &Pending, waiters: &mut Vec<oneshot::Sender<()>>) {
+    if pending.is_empty() {
+        for w in waiters.drain(..) {
+            let _ = w.send(());
         }
     }
 }
@@ -242,7 +319,12 @@ async fn open_stream(
     Ok((tx, inbound))
 }
 
-fn apply(cmd: Command, pending: &mut Pending, batch: &mut pb::GenerateCommand) {
+fn apply(
+    cmd: Command,
+    pending: &mut Pending,
+    batch: &mut pb::GenerateCommand,
+    idle_waiters: &mut Vec<oneshot::Sender<()>>,
+) {
     match cmd {
         Command::Submit(requests) => {
             for (req, tx) in requests {
@@ -262,14 +344,32 @@ fn apply(cmd: Command, pending: &mut Pending, batch: &mut pb::GenerateCommand) {
         }
         Command::Cancel(id) => {
             if pending.remove(&id).is_some() {
-                // Sent in the same message as any submit of it, after it.
-                if let Some(pos) = batch.requests.iter().position(|r| r.id == id) {
-                    batch.requests.swap_remove(pos);
-                } else {
-                    batch.cancel_ids.push(id);
-                }
+                unsend_or_cancel(id, batch);
             }
         }
+        Command::Abort(ids, reason, reply) => {
+            let ids: Vec<u64> = ids.unwrap_or_else(|| pending.keys().copied().collect());
+            let mut n = 0;
+            for id in ids {
+                if let Some(route) = pending.remove(&id) {
+                    let _ = route.tx.send(ExecutorEvent::Aborted(reason.clone()));
+                    unsend_or_cancel(id, batch);
+                    n += 1;
+                }
+            }
+            let _ = reply.send(n);
+        }
+        Command::WhenIdle(tx) => idle_waiters.push(tx),
+    }
+}
+
+/// Takes a request out of the message being built if it is there (its submit and its cancel
+/// would travel together), or cancels it in the executor.
+fn unsend_or_cancel(id: u64, batch: &mut pb::GenerateCommand) {
+    if let Some(pos) = batch.requests.iter().position(|r| r.id == id) {
+        batch.requests.swap_remove(pos);
+    } else {
+        batch.cancel_ids.push(id);
     }
 }
 

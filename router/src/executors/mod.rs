@@ -1,5 +1,8 @@
-//! The executor side: the gRPC client of one executor and the admission scheduler that
-//! decides what enters it.
+//! The executor side: the gRPC client of one executor (its generation stream and its
+//! rollout-control RPCs) and the admission scheduler that decides what enters it.
 
 pub mod client;
+pub mod control;
 pub mod scheduler;
+#[cfg(test)]
+pub mod testing;

@@ -6,6 +6,10 @@
 //!
 //! `AdmissionQueue` is the algorithm (pure, property-tested); `Scheduler` is the task that
 //! owns it and talks to the executor.
+//!
+//! Rollout control orders itself against generation here: a hold stops admission (requests
+//! queue, as when the budget is full), and while engine memory is released every queued and
+//! new request is refused as sleeping.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -48,6 +52,9 @@ pub enum AdmissionError {
          {max} requests at a time (--max-batch-size)"
     )]
     GroupTooWide { sequences: usize, max: usize },
+    /// Engine memory is released; the message names the tags.
+    #[error("{0}")]
+    Sleeping(String),
 }
 
 struct Entry<T> {
@@ -238,6 +245,15 @@ impl<T> AdmissionQueue<T> {
         expired
     }
 
+    /// Moves each queued request's wait start later by the time it spent in a hold that ran
+    /// from `since` to `now`: time held by rollout control does not count against
+    /// --max-queue-wait-ms.
+    pub fn forgive_hold(&mut self, since: Instant, now: Instant) {
+        for e in self.queues.values_mut().flat_map(|q| q.iter_mut()) {
+            e.enqueued += now.saturating_duration_since(e.enqueued.max(since));
+        }
+    }
+
     /// The earliest time a queued request reaches `max_wait`.
     pub fn next_deadline(&self, max_wait: Duration) -> Option<Instant> {
         self.queues
@@ -286,6 +302,13 @@ enum Msg {
     Release(u64),
     /// Refuse everything queued and everything that comes after (shutting down).
     Stop,
+    /// Rollout control: stop admitting (nestable; admission resumes when every hold is
+    /// gone). Acknowledged once in force: every admission before it has been sent to the
+    /// executor by then.
+    Hold(oneshot::Sender<()>),
+    Unhold,
+    /// Some(message): engine memory is released; refuse what is queued and what comes.
+    Sleep(Option<String>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -349,7 +372,42 @@ impl Scheduler {
             .map_err(|_| AdmissionError::Stopped)?;
         rx.await.unwrap_or(Err(AdmissionError::Stopped))
     }
+
+    /// Stops admission until the returned guard is dropped; returns once the hold is in
+    /// force, when every earlier admission has already been sent to the executor. Requests
+    /// keep queueing (held); clients that leave are dropped from the queue.
+    pub async fn hold(&self) -> HoldGuard {
+        let (ack, acked) = oneshot::channel();
+        let guard = HoldGuard {
+            tx: self.tx.clone(),
+        };
+        if self.tx.send(Msg::Hold(ack)).is_ok() {
+            let _ = acked.await;
+        }
+        guard
+    }
+
+    /// `Some(message)`: refuse every queued and every new request with
+    /// `AdmissionError::Sleeping(message)`; `None`: admit again.
+    pub fn set_sleeping(&self, message: Option<String>) {
+        let _ = self.tx.send(Msg::Sleep(message));
+    }
 }
+
+/// Admission stays stopped while any of these lives.
+pub struct HoldGuard {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Unhold);
+    }
+}
+
+/// While held, dead queue entries (clients gone) are swept this often: nothing else wakes
+/// the scheduler then.
+const HELD_SWEEP: Duration = Duration::from_secs(1);
 
 fn reservation_of(requests: &[pb::GenerateRequest]) -> u64 {
     requests
@@ -367,8 +425,15 @@ async fn run(
 ) {
     let mut next_ticket: u64 = 1;
     let mut stopped = false;
+    let mut holds: usize = 0;
+    // When the current hold began: its length is added to the queued requests' waits.
+    let mut held_since: Option<Instant> = None;
+    let mut sleeping: Option<String> = None;
     loop {
-        let deadline = queue.next_deadline(config.max_queue_wait);
+        let deadline = match held_since {
+            Some(_) => Some(Instant::now() + HELD_SWEEP),
+            None => queue.next_deadline(config.max_queue_wait),
+        };
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -402,6 +467,10 @@ async fn run(
                 Msg::Enqueue { reply, .. } if stopped => {
                     let _ = reply.send(Err(AdmissionError::Stopped));
                 }
+                Msg::Enqueue { reply, .. } if sleeping.is_some() => {
+                    let message = sleeping.clone().unwrap_or_default();
+                    let _ = reply.send(Err(AdmissionError::Sleeping(message)));
+                }
                 Msg::Enqueue {
                     requests,
                     priority,
@@ -422,7 +491,34 @@ async fn run(
                         let _ = w.reply.send(Err(e));
                     }
                 }
+                Msg::Hold(ack) => {
+                    holds += 1;
+                    held_since.get_or_insert(now);
+                    let _ = ack.send(());
+                }
+                Msg::Unhold => {
+                    holds = holds.saturating_sub(1);
+                    if holds == 0 {
+                        if let Some(since) = held_since.take() {
+                            queue.forgive_hold(since, now);
+                        }
+                    }
+                }
+                Msg::Sleep(message) => {
+                    if let Some(m) = &message {
+                        for (w, _) in queue.expire(now, Duration::ZERO, |_| true) {
+                            let _ = w.reply.send(Err(AdmissionError::Sleeping(m.clone())));
+                        }
+                    }
+                    sleeping = message;
+                }
             }
+        }
+        if held_since.is_some() {
+            // Held: nothing is admitted and nothing times out; only the departed are dropped.
+            queue.expire(now, Duration::MAX, |w| !w.reply.is_closed());
+            m::set_scheduler_state(queue.queued(), queue.running(), queue.used());
+            continue;
         }
         for (w, waited) in queue.expire(now, config.max_queue_wait, |w| !w.reply.is_closed()) {
             m::record_queue_timeout();

@@ -1,0 +1,176 @@
+//! The executor's rollout-control RPCs (ReleaseMemory, ResumeMemory, UpdateWeights,
+//! FlushCache, PauseGeneration, ContinueGeneration), each on a connection whose message
+//! limits match the control routes' body limit, and their gRPC statuses as router errors.
+
+use tonic::{Code, Status};
+
+use crate::errors::RouterError;
+use crate::executors::client::ExecutorHandle;
+use crate::pb;
+
+/// Calls the control RPCs of one executor.
+#[derive(Clone)]
+pub struct ControlRpc {
+    executor: ExecutorHandle,
+    /// The gRPC message limit of these calls: the decoded payload of a control body is never
+    /// larger than the body, and a little room is left for the message's own framing.
+    max_message_bytes: usize,
+    /// The engine's name, for "cannot" answers (501).
+    engine: String,
+}
+
+/// Room for protobuf framing (field tags, map keys) around a payload as large as the body.
+const FRAMING_ROOM: usize = 1 << 20;
+
+impl ControlRpc {
+    pub fn new(executor: ExecutorHandle, max_payload_bytes: usize, engine: String) -> Self {
+        Self {
+            executor,
+            max_message_bytes: max_payload_bytes.saturating_add(FRAMING_ROOM),
+            engine,
+        }
+    }
+
+    pub fn engine(&self) -> &str {
+        &self.engine
+    }
+
+    async fn client(
+        &self,
+    ) -> Result<pb::executor_client::ExecutorClient<tonic::transport::Channel>, RouterError> {
+        self.executor
+            .control_client(self.max_message_bytes)
+            .await
+            .map_err(|e| RouterError::Unavailable(format!("cannot reach the executor: {e}")))
+    }
+
+    pub async fn release_memory(
+        &self,
+        tags: Vec<String>,
+    ) -> Result<pb::ControlResponse, RouterError> {
+        let reply = self
+            .client()
+            .await?
+            .release_memory(pb::MemoryRequest { tags })
+            .await;
+        self.answer("release memory", reply)
+    }
+
+    pub async fn resume_memory(
+        &self,
+        tags: Vec<String>,
+    ) -> Result<pb::ControlResponse, RouterError> {
+        let reply = self
+            .client()
+            .await?
+            .resume_memory(pb::MemoryRequest { tags })
+            .await;
+        self.answer("resume memory", reply)
+    }
+
+    pub async fn update_weights(
+        &self,
+        request: pb::UpdateWeightsRequest,
+    ) -> Result<pb::ControlResponse, RouterError> {
+        let reply = self.client().await?.update_weights(request).await;
+        self.answer("update weights", reply)
+    }
+
+    pub async fn flush_cache(&self) -> Result<pb::ControlResponse, RouterError> {
+        let reply = self
+            .client()
+            .await?
+            .flush_cache(pb::FlushCacheRequest {})
+            .await;
+        self.answer("flush its cache", reply)
+    }
+
+    pub async fn pause_generation(&self) -> Result<pb::ControlResponse, RouterError> {
+        let reply = self
+            .client()
+            .await?
+            .pause_generation(pb::PauseGenerationRequest {})
+            .await;
+        self.answer("pause generation in place", reply)
+    }
+
+    pub async fn continue_generation(&self) -> Result<pb::ControlResponse, RouterError> {
+        let reply = self
+            .client()
+            .await?
+            .continue_generation(pb::ContinueGenerationRequest {})
+            .await;
+        self.answer("continue generation", reply)
+    }
+
+    fn answer(
+        &self,
+        what: &str,
+        reply: Result<tonic::Response<pb::ControlResponse>, Status>,
+    ) -> Result<pb::ControlResponse, RouterError> {
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|status| status_error(&self.engine, what, &status))
+    }
+}
+
+/// A control RPC's failure as the caller should see it: the contract's codes
+/// (proto/tensorgate/v1/executor.proto, "Rollout control") each have their HTTP status.
+pub fn status_error(engine: &str, what: &str, status: &Status) -> RouterError {
+    let message = status.message();
+    match status.code() {
+        Code::Unimplemented => {
+            RouterError::NotImplemented(format!("the {engine} engine cannot {what}: {message}"))
+        }
+        Code::InvalidArgument => RouterError::Rejected(message.to_string()),
+        Code::FailedPrecondition => RouterError::Conflict(message.to_string()),
+        Code::NotFound => RouterError::NotFound(message.to_string()),
+        Code::ResourceExhausted => RouterError::PayloadTooLarge(format!(
+            "the executor refused a message this large: {message}"
+        )),
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted => {
+            RouterError::Unavailable(format!("the executor could not {what}: {message}"))
+        }
+        _ => RouterError::ControlFailed(format!("the executor could not {what}: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn contract_codes_map_to_their_statuses() {
+        let cases = [
+            (Code::Unimplemented, StatusCode::NOT_IMPLEMENTED),
+            (Code::InvalidArgument, StatusCode::UNPROCESSABLE_ENTITY),
+            (Code::FailedPrecondition, StatusCode::CONFLICT),
+            (Code::NotFound, StatusCode::NOT_FOUND),
+            (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
+            (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        ];
+        for (code, http) in cases {
+            let e = status_error("trtllm", "update weights", &Status::new(code, "why"));
+            assert_eq!(e.status(), http, "{code:?}");
+            assert!(e.to_string().contains("why"), "{e}");
+        }
+        let e = status_error(
+            "trtllm",
+            "update weights",
+            &Status::unimplemented("engine-dir weights are baked in"),
+        );
+        assert!(
+            e.to_string()
+                .contains("the trtllm engine cannot update weights"),
+            "{e}"
+        );
+        let e = status_error(
+            "transformers",
+            "update weights",
+            &Status::invalid_argument("`model.norm.weight`: shape [4] != [576]"),
+        );
+        assert!(e.to_string().contains("model.norm.weight"), "{e}");
+    }
+}
