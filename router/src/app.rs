@@ -10,8 +10,9 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{self, Config};
 use crate::errors::StartupError;
 use crate::executors::client::ExecutorHandle;
+use crate::executors::control::ControlRpc;
 use crate::executors::scheduler;
-use crate::generation::{chat_template, guided, infer, tokenizer, validation};
+use crate::generation::{chat_template, control, guided, infer, tokenizer, validation};
 use crate::http::{self, tgi::schemas};
 use crate::{lifecycle, metrics, pb};
 
@@ -59,6 +60,8 @@ fn init_tracing(json: bool) {
 }
 
 async fn run(config: Config) -> Result<(), StartupError> {
+    // Refused before anything starts: a control plane without its key must not come up.
+    let rl = config.rl_control().map_err(StartupError::Config)?;
     // First: everything after it (the executor client included) records metrics.
     let metrics_handle = metrics::install().map_err(StartupError::Metrics)?;
     {
@@ -134,6 +137,20 @@ async fn run(config: Config) -> Result<(), StartupError> {
         prompt_format: config.prompt_format,
         router: env!("CARGO_PKG_NAME"),
         version: env!("CARGO_PKG_VERSION"),
+        weight_version: info.weight_version.clone(),
+        released_memory_tags: info.released_memory_tags.clone(),
+        rl_control: {
+            let c = info.control.clone().unwrap_or_default();
+            schemas::RlControlInfo {
+                enabled: rl.is_some(),
+                memory_tags: c.memory_tags,
+                update_from_disk: c.update_from_disk,
+                update_from_tensors: c.update_from_tensors,
+                update_from_cuda_ipc: c.update_from_cuda_ipc,
+                flush_cache: c.flush_cache,
+                pause_in_place: c.pause_in_place,
+            }
+        },
     };
     let token_budget = token_budget(config.max_batch_total_tokens, info.kv_capacity_tokens)?;
     let scheduler = scheduler::Scheduler::spawn(
@@ -153,6 +170,20 @@ async fn run(config: Config) -> Result<(), StartupError> {
     } else {
         None
     };
+    let control = Arc::new(control::Control::new(
+        ControlRpc::new(
+            executor.clone(),
+            rl.as_ref().map_or(0, |r| r.max_payload_bytes),
+            info.engine.clone(),
+        ),
+        executor.clone(),
+        scheduler.clone(),
+        &info,
+    ));
+    control.follow_reconnects();
+    if let Some(why) = control.sleeping() {
+        tracing::warn!("{why}");
+    }
     let infer = infer::Infer::new(
         executor,
         scheduler,
@@ -161,6 +192,7 @@ async fn run(config: Config) -> Result<(), StartupError> {
         config.prompt_format == config::PromptFormat::Chat,
         limits,
         config.max_concurrent_requests,
+        control,
     );
     let infer = Arc::new(match grammar {
         Some(g) => infer.with_grammar(g),
@@ -183,13 +215,14 @@ async fn run(config: Config) -> Result<(), StartupError> {
             payload_limit: config.payload_limit,
             api_key: config.api_key.clone(),
             cors_allow_origins: config.cors_allow_origins.clone(),
+            rl: rl.clone(),
         },
     )?;
     let addr = std::net::SocketAddr::new(config.hostname, config.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartupError::Bind { addr, source })?;
-    tracing::info!(%addr, engine = %info.engine, model = %info.model_id, max_input_tokens, max_total_tokens, token_budget, "serving");
+    tracing::info!(%addr, engine = %info.engine, model = %info.model_id, max_input_tokens, max_total_tokens, token_budget, rl_control = rl.is_some(), "serving");
     let timeout = Duration::from_secs(config.shutdown_timeout);
     let drained = Arc::new(tokio::sync::Notify::new());
     let drain = {

@@ -103,6 +103,65 @@ pub struct Config {
     /// How often the executor's Stats are read into the metrics.
     #[arg(long, default_value_t = 1000)]
     pub stats_interval_ms: u64,
+
+    /// Serve the rollout-control routes (/release_memory, /update_weights, /pause_generation,
+    /// ...: docs/api.md, "Rollout control"). Off: those routes do not exist (404).
+    #[arg(long, env = "TENSORGATE_ENABLE_RL_CONTROL")]
+    pub enable_rl_control: bool,
+
+    /// The key the rollout-control routes require (`Authorization: Bearer KEY`), never the
+    /// --api-key. Required with --enable-rl-control.
+    #[arg(long, env = "TENSORGATE_RL_CONTROL_KEY", hide_env_values = true)]
+    pub rl_control_key: Option<String>,
+
+    /// Largest body of a rollout-control route, in bytes (weight payloads; 413 beyond). The
+    /// executor calls that carry them get the same message limit.
+    #[arg(long, default_value_t = 1 << 30, value_parser = at_least_one)]
+    pub rl_max_payload_bytes: usize,
+}
+
+/// The rollout-control settings in force, when the routes are on.
+#[derive(Debug, Clone)]
+pub struct RlControl {
+    pub key: String,
+    pub max_payload_bytes: usize,
+}
+
+impl Config {
+    /// None when the control routes are off; an error naming the flag when they are on
+    /// without a usable key.
+    pub fn rl_control(&self) -> Result<Option<RlControl>, String> {
+        if !self.enable_rl_control {
+            if self.rl_control_key.is_some() {
+                tracing::warn!(
+                    "--rl-control-key is set but --enable-rl-control is not: no control route is served"
+                );
+            }
+            return Ok(None);
+        }
+        let key = match self.rl_control_key.as_deref().map(str::trim) {
+            None | Some("") => {
+                return Err(
+                    "--enable-rl-control needs --rl-control-key KEY (or the environment \
+                     variable TENSORGATE_RL_CONTROL_KEY): the control routes change the served \
+                     weights and must not be open"
+                        .into(),
+                )
+            }
+            Some(k) => k.to_string(),
+        };
+        if self.api_key.as_deref().map(str::trim) == Some(key.as_str()) {
+            return Err(
+                "--rl-control-key must differ from --api-key: whoever may generate \
+                 must not thereby be able to replace the weights"
+                    .into(),
+            );
+        }
+        Ok(Some(RlControl {
+            key,
+            max_payload_bytes: self.rl_max_payload_bytes,
+        }))
+    }
 }
 
 /// A size flag that 0 would break (no body, no request in flight, no stop sequence).
@@ -146,11 +205,54 @@ mod tests {
             "--max-concurrent-requests",
             "--payload-limit",
             "--max-batch-total-tokens",
+            "--rl-max-payload-bytes",
         ] {
             let e = parse(&[flag, "0"]).expect_err(flag).to_string();
             assert!(e.contains(flag), "{flag}: {e}");
         }
         let c = parse(&["--max-input-tokens", "7", "--payload-limit", "10"]).expect("valid");
         assert_eq!((c.max_input_tokens, c.payload_limit), (Some(7), 10));
+    }
+
+    #[test]
+    fn rl_control_needs_its_own_key() {
+        let off = parse(&[]).expect("valid");
+        assert!(off.rl_control().expect("off is fine").is_none());
+        assert_eq!(off.rl_max_payload_bytes, 1 << 30);
+        for extra in [
+            &["--enable-rl-control"][..],
+            &["--enable-rl-control", "--rl-control-key", " "][..],
+        ] {
+            let e = parse(extra)
+                .expect("parses")
+                .rl_control()
+                .expect_err("no key");
+            assert!(e.contains("--rl-control-key"), "{e}");
+            assert!(e.contains("TENSORGATE_RL_CONTROL_KEY"), "{e}");
+        }
+        let same = parse(&[
+            "--enable-rl-control",
+            "--rl-control-key",
+            "k1",
+            "--api-key",
+            "k1",
+        ])
+        .expect("parses");
+        assert!(same
+            .rl_control()
+            .expect_err("same key")
+            .contains("--api-key"));
+        let on = parse(&[
+            "--enable-rl-control",
+            "--rl-control-key",
+            "k2",
+            "--rl-max-payload-bytes",
+            "4096",
+        ])
+        .expect("parses")
+        .rl_control()
+        .expect("valid")
+        .expect("on");
+        assert_eq!((on.key.as_str(), on.max_payload_bytes), ("k2", 4096));
     }
 }

@@ -27,6 +27,8 @@ impl Lifecycle {
 pub async fn drain_on_signal(lifecycle: Lifecycle, infer: Arc<Infer>, timeout: Duration) {
     stop_signal().await;
     lifecycle.start_draining();
+    // What a rollout-control pause holds cannot go any more (the control routes are closed).
+    infer.control().on_shutdown();
     let start = Instant::now();
     tracing::info!(
         in_flight = infer.in_flight(),

@@ -9,8 +9,10 @@ use crate::errors::RouterError;
 use crate::executors::client::ExecutorHandle;
 use crate::executors::scheduler::{AdmissionError, Scheduler};
 use crate::generation::chat_template::{ChatMessage, ChatTemplate};
+use crate::generation::control::Control;
 use crate::generation::guided::{GrammarCompiler, GrammarSpec};
 use crate::generation::parameters::GenerateParameters;
+use crate::generation::requests::RequestId;
 use crate::generation::stream::{GenerationStream, Held, StreamSetup};
 use crate::generation::tokenizer::TextTokenizer;
 use crate::generation::validation::{self, Limits, ValidParameters};
@@ -28,6 +30,8 @@ pub struct Infer {
     max_concurrent_requests: usize,
     /// Present when the engine enforces grammars (Info.features.guided_decoding).
     grammar: Option<GrammarCompiler>,
+    /// Rollout control: sleeping, the live requests by id, weight_version.
+    control: Arc<Control>,
 }
 
 /// A request that passed validation and tokenization.
@@ -41,9 +45,14 @@ pub struct Prepared {
     pub want_logprobs: bool,
     /// The compiled grammar the engine enforces.
     pub grammar: Option<pb::Grammar>,
+    /// The request's `x-request-id` (/abort_request names it); None: one is made up.
+    pub request_id: Option<RequestId>,
 }
 
 impl Infer {
+    // Each argument is a distinct part that Infer owns; a struct around them would only move
+    // the list.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         executor: ExecutorHandle,
         scheduler: Scheduler,
@@ -52,6 +61,7 @@ impl Infer {
         wrap_inputs: bool,
         limits: Limits,
         max_concurrent_requests: usize,
+        control: Arc<Control>,
     ) -> Self {
         Self {
             executor,
@@ -63,7 +73,12 @@ impl Infer {
             permits: Arc::new(Semaphore::new(max_concurrent_requests)),
             max_concurrent_requests,
             grammar: None,
+            control,
         }
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Grammars are compiled with `compiler` (only when the engine enforces them).
@@ -177,6 +192,7 @@ impl Infer {
             max_new_tokens,
             params,
             grammar,
+            request_id: None,
         })
     }
 
@@ -223,7 +239,9 @@ impl Infer {
     }
 
     /// Takes a slot (or refuses with 429 at once), waits for admission by the scheduler
-    /// (503 past --max-queue-wait-ms), and returns the generation's events.
+    /// (503 past --max-queue-wait-ms; while rollout control holds admission the wait does not
+    /// count), and returns the generation's events. Refused at once (503) while engine memory
+    /// is released.
     pub async fn start(&self, prepared: Prepared) -> Result<GenerationStream, RouterError> {
         self.start_group(vec![prepared])
             .await?
@@ -232,11 +250,15 @@ impl Infer {
     }
 
     /// Starts several generations admitted together (TGI `best_of`): one slot each, and one
-    /// reservation of their summed tokens, so either all run or none does yet.
+    /// reservation of their summed tokens, so either all run or none does yet. All are
+    /// listed under the first's request id: an abort of that id ends them all.
     pub async fn start_group(
         &self,
         prepared: Vec<Prepared>,
     ) -> Result<Vec<GenerationStream>, RouterError> {
+        if let Some(why) = self.control.sleeping() {
+            return Err(RouterError::Sleeping(why));
+        }
         let n = u32::try_from(prepared.len()).unwrap_or(u32::MAX);
         let permit = self
             .permits
@@ -259,12 +281,28 @@ impl Infer {
             ));
         }
         let priority = prepared.first().map_or(0, |p| p.params.priority);
+        let id = prepared
+            .first()
+            .and_then(|p| p.request_id.clone())
+            .unwrap_or_else(RequestId::generate);
+        let (mut signals, registrations): (Vec<_>, Vec<_>) = prepared
+            .iter()
+            .map(|_| self.control.registry().register(id.clone()))
+            .unzip();
+        // The version the request starts under; the executor's stamp on the last output
+        // replaces it (see GenerationStream).
+        let weight_version = self.control.weight_version();
         let requests = prepared.iter().map(|p| self.request(p)).collect();
-        let admissions = self
-            .scheduler
-            .admit_group(requests, priority)
-            .await
-            .map_err(|e| match e {
+        let admit = self.scheduler.admit_group(requests, priority);
+        // An abort of the id (or of everything) fires every signal: watching one is enough.
+        let abort = async {
+            match signals.first_mut() {
+                Some(signal) => signal.aborted().await,
+                None => std::future::pending().await,
+            }
+        };
+        let admissions = tokio::select! {
+            admitted = admit => admitted.map_err(|e| match e {
                 AdmissionError::TooLarge { .. }
                 | AdmissionError::GroupTooLarge { .. }
                 | AdmissionError::GroupTooWide { .. } => {
@@ -273,11 +311,27 @@ impl Infer {
                 AdmissionError::QueueTimeout { .. } | AdmissionError::Stopped => {
                     RouterError::Unavailable(e.to_string())
                 }
-            })?;
+                AdmissionError::Sleeping(why) => RouterError::Sleeping(why),
+            })?,
+            // Queued or held: leaving the queue is all there is to do.
+            reason = abort => return Err(RouterError::Aborted(reason)),
+        };
+        for (registration, admission) in registrations.iter().zip(&admissions) {
+            if !registration.admitted(admission.guard.id()) {
+                // Aborted as it was admitted: dropping the admissions cancels them in the
+                // executor.
+                let reason = signals
+                    .iter_mut()
+                    .find_map(|s| s.try_aborted())
+                    .unwrap_or_else(|| "aborted".into());
+                return Err(RouterError::Aborted(reason));
+            }
+        }
         let count = prepared.len();
         let mut slots = Some(permit);
         let mut streams = Vec::with_capacity(count);
-        for (i, (p, admission)) in prepared.into_iter().zip(admissions).enumerate() {
+        let parts = prepared.into_iter().zip(admissions).zip(registrations);
+        for (i, ((p, admission), registration)) in parts.enumerate() {
             // One slot each; the last takes what is left.
             let one = if i + 1 == count {
                 slots.take()
@@ -291,6 +345,7 @@ impl Infer {
                     guard: admission.guard,
                     reservation: admission.reservation,
                     permit: one,
+                    registration,
                 },
                 self.tokenizer.clone(),
                 StreamSetup {
@@ -299,6 +354,7 @@ impl Infer {
                     stop_sequences: p.params.stop_sequences,
                     seed: p.params.sampling.seed,
                     prompt_logprobs: p.params.prompt_logprobs,
+                    weight_version: weight_version.clone(),
                 },
             ));
         }

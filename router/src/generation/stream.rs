@@ -13,6 +13,7 @@ use crate::errors::RouterError;
 use crate::executors::client::{ExecutorEvent, RequestGuard};
 use crate::executors::scheduler::Reservation;
 use crate::generation::detokenizer::IncrementalDecoder;
+use crate::generation::requests::Registration;
 use crate::generation::stop::StopSequences;
 use crate::generation::tokenizer::TextTokenizer;
 use crate::metrics as m;
@@ -57,6 +58,8 @@ pub struct EndInfo {
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+    /// The label of the weights that produced the last token (RequestOutput.weight_version).
+    pub weight_version: String,
 }
 
 impl EndInfo {
@@ -82,6 +85,8 @@ pub(crate) struct Held {
     pub guard: RequestGuard,
     pub reservation: Arc<Reservation>,
     pub permit: OwnedSemaphorePermit,
+    /// Lists the generation for /abort_request while it lives.
+    pub registration: Registration,
 }
 
 /// Keeps the in-flight gauge right however a request ends.
@@ -108,6 +113,10 @@ pub(crate) struct StreamSetup {
     pub seed: Option<u64>,
     /// The engine was asked for the prompt's log probabilities (on its first output).
     pub prompt_logprobs: bool,
+    /// The weight_version current when the request started: reported if the executor
+    /// stamps none (an update cannot come between, since updates wait for or abort every
+    /// request in flight).
+    pub weight_version: String,
 }
 
 /// The events of one generation. Dropping it before the end cancels the request.
@@ -118,6 +127,7 @@ pub struct GenerationStream {
     // (None only in tests, which drive a stream without an executor.)
     _reservation: Option<Arc<Reservation>>,
     _permit: Option<OwnedSemaphorePermit>,
+    _registration: Option<Registration>,
     _in_flight: InFlight,
     started: Instant,
     last_token: Option<Instant>,
@@ -134,6 +144,7 @@ pub struct GenerationStream {
     /// The prompt, until its log probabilities arrive (only when they were asked for).
     prompt_ids: Option<Vec<u32>>,
     prefill: Option<Vec<PromptToken>>,
+    weight_version: String,
     queue: VecDeque<TokenEvent>,
     done: bool,
 }
@@ -161,15 +172,21 @@ impl GenerationStream {
         tokenizer: TextTokenizer,
         setup: StreamSetup,
     ) -> Self {
-        let (guard, reservation, permit) = match held {
-            Some(h) => (Some(h.guard), Some(h.reservation), Some(h.permit)),
-            None => (None, None, None),
+        let (guard, reservation, permit, registration) = match held {
+            Some(h) => (
+                Some(h.guard),
+                Some(h.reservation),
+                Some(h.permit),
+                Some(h.registration),
+            ),
+            None => (None, None, None, None),
         };
         Self {
             rx,
             guard,
             _reservation: reservation,
             _permit: permit,
+            _registration: registration,
             _in_flight: InFlight::new(),
             started: Instant::now(),
             last_token: None,
@@ -185,6 +202,7 @@ impl GenerationStream {
             input_length: setup.input_ids.len() as u32,
             prompt_ids: setup.prompt_logprobs.then(|| setup.input_ids.clone()),
             prefill: None,
+            weight_version: setup.weight_version,
             queue: VecDeque::new(),
             done: false,
         }
@@ -211,6 +229,13 @@ impl GenerationStream {
                     self.record_end("error");
                     self.done = true;
                     return Some(Err(RouterError::Unavailable(reason)));
+                }
+                Some(ExecutorEvent::Aborted(reason)) => {
+                    // Already cancelled in the executor by whoever aborted it.
+                    self.finish_guard();
+                    self.record_end("cancelled");
+                    self.done = true;
+                    return Some(Err(RouterError::Aborted(reason)));
                 }
                 None => {
                     self.done = true;
@@ -258,6 +283,7 @@ impl GenerationStream {
             generated_tokens: self.generated,
             seed: self.seed,
             input_length: self.input_length,
+            weight_version: self.weight_version.clone(),
         }
     }
 
@@ -280,6 +306,9 @@ impl GenerationStream {
     }
 
     fn absorb(&mut self, out: pb::RequestOutput) -> Result<(), RouterError> {
+        if !out.weight_version.is_empty() {
+            self.weight_version.clone_from(&out.weight_version);
+        }
         let failed = matches!(
             pb::FinishReason::try_from(out.finish_reason),
             Ok(pb::FinishReason::Error | pb::FinishReason::Cancelled) | Err(_)
@@ -535,6 +564,7 @@ mod tests {
                 stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
                 seed: None,
                 prompt_logprobs: false,
+                weight_version: "0".into(),
             },
         );
         (s, tx, tokenizer)
@@ -626,6 +656,7 @@ mod tests {
                 stop_sequences: vec![],
                 seed: None,
                 prompt_logprobs: true,
+                weight_version: "0".into(),
             },
         );
         (s, tx)

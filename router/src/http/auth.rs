@@ -23,7 +23,8 @@ impl ApiKey {
     }
 }
 
-fn bearer(req: &Request) -> Option<&[u8]> {
+/// The token of an `Authorization: Bearer` header, if there is one.
+pub(crate) fn bearer(req: &Request) -> Option<&[u8]> {
     let value = req.headers().get(AUTHORIZATION)?.as_bytes();
     let scheme = value.get(..7)?;
     scheme

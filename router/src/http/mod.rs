@@ -6,7 +6,9 @@ pub mod drain;
 pub mod extract;
 pub mod openai;
 pub mod openapi;
+pub mod request_id;
 pub mod responses;
+pub mod rl;
 pub mod state;
 pub mod tgi;
 
@@ -20,6 +22,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::config::RlControl;
 use crate::errors::StartupError;
 pub use state::AppState;
 
@@ -29,23 +32,40 @@ pub struct HttpOptions {
     pub payload_limit: usize,
     pub api_key: Option<String>,
     pub cors_allow_origins: Vec<String>,
+    /// The rollout-control routes and their settings; None: not served.
+    pub rl: Option<RlControl>,
 }
 
 pub fn router(state: AppState, options: &HttpOptions) -> Result<Router, StartupError> {
     let lifecycle = state.lifecycle.clone();
+    let with_rl = options.rl.is_some();
+    // Generation answers carry x-request-id, the rid /abort_request names.
+    let rid = || middleware::from_fn(request_id::assign);
     let mut app = Router::new()
-        .route("/", post(tgi::handlers::compat_generate))
-        .route("/generate", post(tgi::handlers::generate))
-        .route("/generate_stream", post(tgi::handlers::generate_stream))
+        .route("/", post(tgi::handlers::compat_generate).layer(rid()))
+        .route("/generate", post(tgi::handlers::generate).layer(rid()))
+        .route(
+            "/generate_stream",
+            post(tgi::handlers::generate_stream).layer(rid()),
+        )
         .route("/health", get(tgi::handlers::health))
         .route("/health_generate", get(tgi::handlers::health_generate))
         .route("/info", get(tgi::handlers::info))
         .route("/tokenize", post(tgi::handlers::tokenize))
         .route("/chat_tokenize", post(tgi::handlers::chat_tokenize))
         .route("/v1/models", get(openai::models::models))
-        .route("/v1/completions", post(openai::completions::completions))
-        .route("/v1/chat/completions", post(openai::chat::chat_completions))
-        .route("/api-doc/openapi.json", get(openapi::serve_document))
+        .route(
+            "/v1/completions",
+            post(openai::completions::completions).layer(rid()),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(openai::chat::chat_completions).layer(rid()),
+        )
+        .route(
+            "/api-doc/openapi.json",
+            get(move || openapi::serve_document(with_rl)),
+        )
         .merge(
             utoipa_swagger_ui::SwaggerUi::new("/docs")
                 .config(utoipa_swagger_ui::Config::from("/api-doc/openapi.json")),
@@ -55,7 +75,7 @@ pub fn router(state: AppState, options: &HttpOptions) -> Result<Router, StartupE
         .layer(axum::Extension(extract::PayloadLimit(
             options.payload_limit,
         )))
-        .with_state(state)
+        .with_state(state.clone())
         .route_layer(middleware::from_fn_with_state(
             lifecycle,
             drain::refuse_when_draining,
@@ -68,6 +88,10 @@ pub fn router(state: AppState, options: &HttpOptions) -> Result<Router, StartupE
             auth::ApiKey(Arc::new(key.as_bytes().to_vec())),
             auth::require_api_key,
         ));
+    }
+    // Merged after the API key's layer: the control routes take their own key, not that one.
+    if let Some(rl) = &options.rl {
+        app = app.merge(rl::router(state, rl));
     }
     app = app.route_layer(middleware::from_fn(track_requests));
     if !options.cors_allow_origins.is_empty() {
@@ -96,7 +120,9 @@ fn cors(origins: &[String]) -> Result<CorsLayer, StartupError> {
         .allow_headers([
             axum::http::header::CONTENT_TYPE,
             axum::http::header::AUTHORIZATION,
-        ]))
+            request_id::HEADER,
+        ])
+        .expose_headers([request_id::HEADER]))
 }
 
 /// Counts every answered request by route template and status.

@@ -10,8 +10,8 @@ use crate::http::openai::schemas::{
 };
 use crate::http::tgi::schemas::{
     BestOfSequence, ChatTokenizeResponse, Details, FinishReason, GenerateParameters,
-    GenerateRequest, GenerateResponse, Info, PrefillToken, SimpleToken, StreamDetails,
-    StreamResponse, Token, TokenizeRequest,
+    GenerateRequest, GenerateResponse, Info, PrefillToken, RlControlInfo, SimpleToken,
+    StreamDetails, StreamResponse, Token, TokenizeRequest,
 };
 
 #[derive(OpenApi)]
@@ -46,6 +46,7 @@ use crate::http::tgi::schemas::{
         StreamResponse,
         StreamDetails,
         Info,
+        RlControlInfo,
         TokenizeRequest,
         SimpleToken,
         ChatTokenizeResponse,
@@ -65,13 +66,25 @@ use crate::http::tgi::schemas::{
 )]
 pub struct ApiDoc;
 
-/// The served document: utoipa's, with the server-sent event responses described as OpenAPI
-/// 3.2 does (each event an object whose `data` is JSON of a given schema), which utoipa cannot
-/// express. A stream's events are tokens, or one final error event.
-pub fn document() -> &'static serde_json::Value {
+/// The served document: utoipa's (with the rollout-control routes when they are on), with the
+/// server-sent event responses described as OpenAPI 3.2 does (each event an object whose
+/// `data` is JSON of a given schema), which utoipa cannot express. A stream's events are
+/// tokens, or one final error event.
+pub fn document(with_rl: bool) -> &'static serde_json::Value {
     static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
-    DOC.get_or_init(|| {
-        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    static DOC_RL: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    let cell = if with_rl { &DOC_RL } else { &DOC };
+    cell.get_or_init(|| {
+        let mut api = ApiDoc::openapi();
+        if with_rl {
+            api.merge(crate::http::rl::openapi::RlApiDoc::openapi());
+        }
+        let mut doc = serde_json::to_value(api).unwrap_or_default();
+        for path in GENERATION_PATHS {
+            if let Some(op) = doc["paths"][path]["post"].as_object_mut() {
+                request_id_header(op);
+            }
+        }
         for path in ["/generate_stream", "/"] {
             let content = &mut doc["paths"][path]["post"]["responses"]["200"]["content"];
             if let Some(content) = content.as_object_mut() {
@@ -121,9 +134,53 @@ fn sse_event(ok: &str, err: &str) -> serde_json::Value {
     })
 }
 
+/// The routes whose answers carry `x-request-id`.
+const GENERATION_PATHS: [&str; 5] = [
+    "/",
+    "/generate",
+    "/generate_stream",
+    "/v1/completions",
+    "/v1/chat/completions",
+];
+
+/// Documents the `x-request-id` header: accepted on the request, echoed on every answer.
+fn request_id_header(op: &mut serde_json::Map<String, serde_json::Value>) {
+    let param = serde_json::json!({
+        "name": "x-request-id",
+        "in": "header",
+        "required": false,
+        "description": "The request's id (1 to 128 characters of A-Z a-z 0-9 - _ . :); made up \
+                        when absent. Echoed on the answer; /abort_request names it as `rid`.",
+        "schema": { "type": "string", "maxLength": crate::http::request_id::MAX_LEN },
+    });
+    match op.get_mut("parameters").and_then(|p| p.as_array_mut()) {
+        Some(params) => params.push(param),
+        None => {
+            op.insert("parameters".into(), serde_json::json!([param]));
+        }
+    }
+    if let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) {
+        for response in responses.values_mut() {
+            let headers = response
+                .as_object_mut()
+                .map(|r| r.entry("headers").or_insert_with(|| serde_json::json!({})))
+                .and_then(|h| h.as_object_mut());
+            if let Some(h) = headers {
+                h.insert(
+                    "x-request-id".into(),
+                    serde_json::json!({
+                        "description": "The request's id (the client's, or one made up)",
+                        "schema": { "type": "string" },
+                    }),
+                );
+            }
+        }
+    }
+}
+
 /// `GET /api-doc/openapi.json`.
-pub async fn serve_document() -> axum::Json<&'static serde_json::Value> {
-    axum::Json(document())
+pub async fn serve_document(with_rl: bool) -> axum::Json<&'static serde_json::Value> {
+    axum::Json(document(with_rl))
 }
 
 #[cfg(test)]
@@ -131,8 +188,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn control_routes_are_documented_only_when_on() {
+        let off = document(false)["paths"].as_object().expect("paths");
+        let on = document(true)["paths"].as_object().expect("paths");
+        for p in [
+            "/release_memory",
+            "/resume_memory",
+            "/update_weights",
+            "/update_weights_from_disk",
+            "/update_weights_from_tensor",
+            "/flush_cache",
+            "/pause_generation",
+            "/continue_generation",
+            "/abort_request",
+            "/get_weight_version",
+        ] {
+            assert!(on.contains_key(p), "{p} missing with --enable-rl-control");
+            assert!(
+                !off.contains_key(p),
+                "{p} documented without --enable-rl-control"
+            );
+        }
+        let errors = &on["/update_weights"]["post"]["responses"];
+        for status in ["401", "409", "413", "422", "501"] {
+            assert!(errors[status].is_object(), "{status}");
+        }
+        let generate = &on["/generate"]["post"];
+        assert_eq!(generate["parameters"][0]["name"], "x-request-id");
+        assert!(generate["responses"]["200"]["headers"]["x-request-id"].is_object());
+    }
+
+    #[test]
     fn every_route_is_documented() {
-        let doc = document();
+        let doc = document(false);
         let paths = doc["paths"].as_object().expect("paths");
         for p in [
             "/",

@@ -49,3 +49,42 @@ macro_rules! error_responses {
 
 error_responses!(TgiErrors, TgiAuthErrors, ErrorBody);
 error_responses!(OpenAiErrors, OpenAiAuthErrors, OpenAiErrorBody);
+
+/// The error answers of the rollout-control routes (TGI's error shape).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ControlErrors {
+    #[response(
+        status = 401,
+        description = "Control key missing or wrong (`Authorization: Bearer <rl-control-key>`)"
+    )]
+    Unauthorized(ErrorBody),
+    #[response(
+        status = 404,
+        description = "/abort_request: no live request has that rid"
+    )]
+    NotFound(ErrorBody),
+    #[response(
+        status = 409,
+        description = "The server's state forbids it now (e.g. an update while the weights are released)"
+    )]
+    Conflict(ErrorBody),
+    #[response(status = 413, description = "Body over --rl-max-payload-bytes")]
+    PayloadTooLarge(ErrorBody),
+    #[response(status = 415, description = "Content-Type is not application/json")]
+    UnsupportedMediaType(ErrorBody),
+    #[response(
+        status = 422,
+        description = "Bad payload; the message names the field or tensor. Nothing was changed"
+    )]
+    Validation(ErrorBody),
+    #[response(status = 500, description = "The executor failed the operation")]
+    ControlFailed(ErrorBody),
+    #[response(
+        status = 501,
+        description = "The engine cannot do this; the message names it"
+    )]
+    NotImplemented(ErrorBody),
+    #[response(status = 503, description = "Executor unavailable, or shutting down")]
+    Unavailable(ErrorBody),
+}

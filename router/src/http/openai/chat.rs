@@ -2,10 +2,12 @@
 
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde_json::{json, Value};
 
 use crate::errors::{OpenAiError, RouterError};
 use crate::generation::chat_template::ChatTemplate;
+use crate::generation::requests::RequestId;
 use crate::generation::tool_parsers::ToolDelta;
 use crate::generation::validation::ValidationError;
 use crate::http::extract::OpenAiJson;
@@ -173,6 +175,7 @@ fn name_messages(e: RouterError) -> RouterError {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatCompletionRequest, responses((status = 200, description = "chat.completion, or chat.completion.chunk events when stream is true", body = Object), OpenAiErrors))]
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
     OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, OpenAiError> {
     let want_logprobs = req.logprobs == Some(true);
@@ -210,11 +213,12 @@ pub async fn chat_completions(
         // Validation refuses it (422) where the engine has no grammar backend.
         params.guided = Some((grammar, "tool_choice"));
     }
-    let prepared = state
+    let mut prepared = state
         .infer
         .prepare_prompt(prompt, false, &params)
         .await
         .map_err(name_messages)?;
+    prepared.request_id = Some(rid);
     record_user("/v1/chat/completions", &req.common);
     let stops = prepared.params.stop_sequences.clone();
     let meta = Meta::new(&state, "chatcmpl", prepared.input_ids.len() as u32);

@@ -151,6 +151,7 @@ enum ChoiceEvent {
         finish: &'static str,
         completion_tokens: u32,
         logprobs: Option<Vec<TokenLogprob>>,
+        weight_version: String,
     },
     Error(RouterError),
 }
@@ -247,6 +248,7 @@ impl Streaming {
                     finish,
                     completion_tokens: end.generated_tokens,
                     logprobs: self.pending.as_mut().map(std::mem::take),
+                    weight_version: end.weight_version,
                 });
             }
             // Text that could still become a stop sequence is held back until it cannot.
@@ -277,8 +279,12 @@ impl Streaming {
     }
 }
 
+/// A choice run to its end: how it is shown, its completion tokens, and the weight_version
+/// of its last token.
+type Finished = (FinishedChoice, u32, String);
+
 /// Runs a choice to its end (the non-streaming answer).
-async fn finish(choice: Choice) -> Result<(FinishedChoice, u32), RouterError> {
+async fn finish(choice: Choice) -> Result<Finished, RouterError> {
     let Choice {
         index,
         stream,
@@ -327,6 +333,7 @@ async fn finish(choice: Choice) -> Result<(FinishedChoice, u32), RouterError> {
             tool_calls,
         },
         done.end.generated_tokens,
+        done.end.weight_version,
     ))
 }
 
@@ -361,6 +368,20 @@ impl Meta {
         })
     }
 
+    /// A body with tensorgate's `weight_version` extension (RL rollouts): the label of the
+    /// weights that produced the answer's last token.
+    fn body_with_version(
+        &self,
+        object: &str,
+        choices: Value,
+        usage: Value,
+        version: &str,
+    ) -> Value {
+        let mut body = self.body(object, choices, usage);
+        body["weight_version"] = json!(version);
+        body
+    }
+
     fn usage(&self, completion_tokens: u32) -> Value {
         json!(Usage {
             prompt_tokens: self.prompt_tokens,
@@ -381,12 +402,16 @@ pub async fn respond<F: Family>(
 ) -> Result<Response, OpenAiError> {
     if !stream {
         let done = futures::future::try_join_all(choices.into_iter().map(finish)).await?;
-        let completion: u32 = done.iter().map(|(_, n)| n).sum();
+        let completion: u32 = done.iter().map(|(_, n, _)| n).sum();
+        // Choices of one request cannot straddle an update (updates wait for or abort every
+        // request in flight), so one label serves them all; the last choice's is taken.
+        let version = done.last().map(|(_, _, v)| v.clone()).unwrap_or_default();
         let choices: Vec<Value> = done
             .into_iter()
-            .map(|(c, _)| family.full_choice(c))
+            .map(|(c, _, _)| family.full_choice(c))
             .collect();
-        let body = meta.body(F::OBJECT, json!(choices), meta.usage(completion));
+        let body =
+            meta.body_with_version(F::OBJECT, json!(choices), meta.usage(completion), &version);
         return Ok(Json(body).into_response());
     }
     let n = choices.len() as u32;
@@ -396,18 +421,24 @@ pub async fn respond<F: Family>(
             yield Ok::<_, Infallible>(sse_json(&meta.body(F::CHUNK_OBJECT, choices, Value::Null)));
         }
         let mut completion = 0u32;
+        let mut version = String::new();
         let mut events = Box::pin(choice_stream(choices, &stops));
         while let Some(ev) = events.next().await {
-            let choice = match ev {
+            let chunk = match ev {
                 ChoiceEvent::Delta { index, text, calls, logprobs } if calls.is_empty() => {
-                    family.chunk_choice(index, &text, logprobs.as_deref(), None)
+                    let choice = family.chunk_choice(index, &text, logprobs.as_deref(), None);
+                    meta.body(F::CHUNK_OBJECT, json!([choice]), Value::Null)
                 }
                 ChoiceEvent::Delta { index, text, calls, logprobs } => {
-                    family.tool_chunk_choice(index, &text, &calls, logprobs.as_deref(), None)
+                    let choice = family.tool_chunk_choice(index, &text, &calls, logprobs.as_deref(), None);
+                    meta.body(F::CHUNK_OBJECT, json!([choice]), Value::Null)
                 }
-                ChoiceEvent::End { index, text, calls, finish, completion_tokens, logprobs } => {
+                ChoiceEvent::End { index, text, calls, finish, completion_tokens, logprobs, weight_version } => {
                     completion += completion_tokens;
-                    family.tool_chunk_choice(index, &text, &calls, logprobs.as_deref(), Some(finish))
+                    let choice = family.tool_chunk_choice(index, &text, &calls, logprobs.as_deref(), Some(finish));
+                    // Each choice's finishing chunk says which weights produced it.
+                    version = weight_version;
+                    meta.body_with_version(F::CHUNK_OBJECT, json!([choice]), Value::Null, &version)
                 }
                 ChoiceEvent::Error(e) => {
                     e.log();
@@ -415,10 +446,10 @@ pub async fn respond<F: Family>(
                     return;
                 }
             };
-            yield Ok(sse_json(&meta.body(F::CHUNK_OBJECT, json!([choice]), Value::Null)));
+            yield Ok(sse_json(&chunk));
         }
         if include_usage {
-            yield Ok(sse_json(&meta.body(F::CHUNK_OBJECT, json!([]), meta.usage(completion))));
+            yield Ok(sse_json(&meta.body_with_version(F::CHUNK_OBJECT, json!([]), meta.usage(completion), &version)));
         }
         yield Ok(Event::default().data("[DONE]"));
     };

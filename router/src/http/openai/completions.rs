@@ -2,9 +2,11 @@
 
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde_json::{json, Value};
 
 use crate::errors::OpenAiError;
+use crate::generation::requests::RequestId;
 use crate::generation::validation::ValidationError;
 use crate::http::extract::OpenAiJson;
 use crate::http::openai::choices::{self, Family, FinishedChoice, Meta};
@@ -54,6 +56,7 @@ impl Family for Completions {
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest, responses((status = 200, description = "text_completion, or events when stream is true", body = Object), OpenAiErrors))]
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, OpenAiError> {
     // Legacy `logprobs: N`: the chosen token's logprob and the N most likely (0 = only it).
@@ -127,7 +130,8 @@ pub async fn completions(
     let prompt_tokens: u32 = prepared.iter().map(|p| p.input_ids.len() as u32).sum();
     let mut all = Vec::new();
     let mut echoes = Vec::new();
-    for (pi, p) in prepared.into_iter().enumerate() {
+    for (pi, mut p) in prepared.into_iter().enumerate() {
+        p.request_id = Some(rid.clone());
         let echo = match (&prompts[pi], req.echo) {
             (_, false) => String::new(),
             (Prompt::Text(text), true) => text.clone(),

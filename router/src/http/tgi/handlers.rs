@@ -7,11 +7,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::Stream;
 
 use crate::errors::RouterError;
 use crate::generation::parameters::GenerateParameters;
+use crate::generation::requests::RequestId;
 use crate::generation::stream::{collect, Completed, GenerationStream, PromptToken};
 use crate::generation::validation::ValidationError;
 use crate::http::extract::TgiJson;
@@ -43,7 +44,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 #[utoipa::path(get, path = "/info", tag = "TGI", responses((status = 200, description = "Served model and limits", body = Info), TgiAuthErrors))]
 pub async fn info(State(state): State<AppState>) -> Json<Info> {
-    Json((*state.info).clone())
+    let mut info = (*state.info).clone();
+    let control = state.infer.control();
+    info.weight_version = control.weight_version();
+    info.released_memory_tags = control.released_tags();
+    Json(info)
 }
 
 fn simple_tokens(tokens: Vec<(u32, String, usize, usize)>) -> Vec<SimpleToken> {
@@ -91,11 +96,14 @@ pub async fn chat_tokenize(
     }))
 }
 
-#[utoipa::path(get, path = "/health", tag = "TGI", responses((status = 200, description = "Ready"), (status = 503, description = "Executor not ready", body = crate::errors::ErrorBody)))]
+#[utoipa::path(get, path = "/health", tag = "TGI", responses((status = 200, description = "Ready"), (status = 503, description = "Executor not ready, or engine memory released (error_type `sleeping`)", body = crate::errors::ErrorBody)))]
 pub async fn health(State(state): State<AppState>) -> Response {
     let executor = state.infer.executor();
     if !executor.is_connected() {
         return RouterError::Unavailable("the executor is not connected".into()).into_response();
+    }
+    if let Some(why) = state.infer.control().sleeping() {
+        return RouterError::Sleeping(why).into_response();
     }
     let probe = async {
         let mut client = executor.client().await.map_err(|e| e.to_string())?;
@@ -134,6 +142,7 @@ pub async fn health_generate(State(state): State<AppState>) -> Response {
     };
     match tokio::time::timeout(HEALTH_GENERATE_TIMEOUT, probe).await {
         Ok(Ok(_)) => StatusCode::OK.into_response(),
+        Ok(Err(e @ RouterError::Sleeping(_))) => e.into_response(),
         Ok(Err(e)) => {
             RouterError::Unavailable(format!("the health generation failed: {e}")).into_response()
         }
@@ -148,11 +157,15 @@ pub async fn health_generate(State(state): State<AppState>) -> Response {
 /// `POST /`: TGI's compatibility route, dispatching on `stream`. As in TGI, the
 /// non-streaming answer is a one-element list (what TGI's Python clients parse).
 #[utoipa::path(post, path = "/", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "A one-element list, or server-sent events when stream is true", body = Vec<GenerateResponse>, content_type = "application/json"), TgiErrors))]
-pub async fn compat_generate(state: State<AppState>, body: TgiJson<GenerateRequest>) -> Response {
+pub async fn compat_generate(
+    state: State<AppState>,
+    rid: Extension<RequestId>,
+    body: TgiJson<GenerateRequest>,
+) -> Response {
     if body.0.stream {
-        generate_stream(state, body).await
+        generate_stream(state, rid, body).await
     } else {
-        match generate(state, body).await {
+        match generate(state, rid, body).await {
             Ok(Json(response)) => Json(vec![response]).into_response(),
             Err(e) => e.into_response(),
         }
@@ -194,9 +207,11 @@ async fn prepare(
 #[utoipa::path(post, path = "/generate", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "Generated text", body = GenerateResponse), TgiErrors))]
 pub async fn generate(
     State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
     TgiJson(req): TgiJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, RouterError> {
     let (mut prepared, prompt_text) = prepare(&state, &req).await?;
+    prepared.request_id = Some(rid);
     // As TGI: prefill details come inside `details`.
     let want_details = prepared.params.details || prepared.params.prompt_logprobs;
     let full_text = prepared.params.return_full_text;
@@ -249,6 +264,7 @@ pub async fn generate(
             tokens: best.tokens,
             best_of_sequences,
             top_tokens: best.top_tokens,
+            weight_version: best.end.weight_version,
         }
     });
     Ok(Json(GenerateResponse {
@@ -297,6 +313,7 @@ fn prefill(tokens: Option<&[PromptToken]>) -> Vec<PrefillToken> {
 #[utoipa::path(post, path = "/generate_stream", tag = "TGI", request_body = GenerateRequest, responses((status = 200, description = "Server-sent events, one StreamResponse per token", body = crate::http::tgi::schemas::StreamResponse, content_type = "text/event-stream"), TgiErrors))]
 pub async fn generate_stream(
     State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
     TgiJson(req): TgiJson<GenerateRequest>,
 ) -> Response {
     // As TGI, neither is streamed (TGI answers these in an error event; before the first byte
@@ -312,6 +329,7 @@ pub async fn generate_stream(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    prepared.request_id = Some(rid);
     let prefix = prepared.params.return_full_text.then_some(prompt_text);
     // Every TGI stream event carries its token's log probability.
     prepared.want_logprobs = true;
@@ -372,6 +390,7 @@ mod tests {
                 generated_tokens: logprobs.len() as u32,
                 seed: None,
                 input_length: 1,
+                weight_version: "0".into(),
             },
             prefill: None,
         }

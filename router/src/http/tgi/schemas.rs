@@ -57,6 +57,9 @@ pub struct Details {
     pub best_of_sequences: Option<Vec<BestOfSequence>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_tokens: Vec<Vec<Token>>,
+    /// tensorgate extension (RL rollouts): the label of the weights that produced the last
+    /// token (see /get_weight_version).
+    pub weight_version: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -72,6 +75,9 @@ pub struct StreamDetails {
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+    /// tensorgate extension (RL rollouts): the label of the weights that produced the last
+    /// token.
+    pub weight_version: String,
 }
 
 /// One server-sent event of `/generate_stream`.
@@ -101,6 +107,28 @@ pub struct Info {
     pub prompt_format: crate::config::PromptFormat,
     pub router: &'static str,
     pub version: &'static str,
+    /// The label of the weights loaded now (changed by the rollout-control updates).
+    pub weight_version: String,
+    /// Engine memory released now (/release_memory); generation answers 503 `sleeping` while
+    /// any is.
+    pub released_memory_tags: Vec<String>,
+    /// What the rollout-control routes can do on this engine (served only with
+    /// --enable-rl-control).
+    pub rl_control: RlControlInfo,
+}
+
+/// Info's view of the engine's rollout-control abilities.
+#[derive(Debug, Clone, Serialize, Default, utoipa::ToSchema)]
+pub struct RlControlInfo {
+    /// The control routes are served (--enable-rl-control).
+    pub enabled: bool,
+    /// Memory tags /release_memory and /resume_memory take.
+    pub memory_tags: Vec<String>,
+    pub update_from_disk: bool,
+    pub update_from_tensors: bool,
+    pub update_from_cuda_ipc: bool,
+    pub flush_cache: bool,
+    pub pause_in_place: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]

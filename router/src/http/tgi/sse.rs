@@ -29,6 +29,7 @@ pub fn stream_response(
                     generated_tokens: end.generated_tokens,
                     seed: end.seed,
                     input_length: end.input_length,
+                    weight_version: end.weight_version,
                 }),
             )
         }
@@ -110,6 +111,7 @@ mod tests {
             generated_tokens: 2,
             seed: None,
             input_length: 3,
+            weight_version: "7".into(),
         };
         let events = vec![
             token_event(&stream_response(token(0, "Hi\n", None), None, None)),
@@ -133,6 +135,7 @@ mod tests {
         assert_eq!(last["details"]["finish_reason"], "length");
         assert_eq!(last["details"]["generated_tokens"], 2);
         assert_eq!(last["details"]["input_length"], 3);
+        assert_eq!(last["details"]["weight_version"], "7");
         assert_eq!(last["index"], 1);
     }
 
@@ -145,6 +148,7 @@ mod tests {
             generated_tokens: 1,
             seed: Some(3),
             input_length: 1,
+            weight_version: "0".into(),
         };
         let r = stream_response(token(0, " world", Some(end)), Some("Hello"), None);
         assert_eq!(r.generated_text.as_deref(), Some("Hello world"));
