@@ -106,7 +106,7 @@ pub struct Config {
 
     /// Serve the rollout-control routes (/release_memory, /update_weights, /pause_generation,
     /// ...: docs/api.md, "Rollout control"). Off: those routes do not exist (404).
-    #[arg(long, env = "TENSORGATE_ENABLE_RL_CONTROL")]
+    #[arg(long)]
     pub enable_rl_control: bool,
 
     /// The key the rollout-control routes require (`Authorization: Bearer KEY`), never the

@@ -137,10 +137,10 @@ impl Control {
         self.scheduler.set_sleeping(message);
     }
 
-    fn note(&self, mut reply: pb::ControlResponse, memory: bool) -> pb::ControlResponse {
-        if memory {
-            self.set_released(reply.released_memory_tags.clone());
-        }
+    /// Takes the engine's state from a control reply: every reply carries the released
+    /// tags and the weight_version (backends/trtllm/tensorgate/executor/server.py).
+    fn note(&self, mut reply: pb::ControlResponse) -> pb::ControlResponse {
+        self.set_released(reply.released_memory_tags.clone());
         let mut state = self.state();
         if reply.weight_version.is_empty() {
             reply.weight_version = state.weight_version.clone();
@@ -187,7 +187,7 @@ impl Control {
         let (_hold, aborted) = self.quiesce(None).await?;
         let reply = self.rpc.release_memory(tags).await?;
         Ok(Outcome {
-            reply: self.note(reply, true),
+            reply: self.note(reply),
             aborted,
         })
     }
@@ -197,7 +197,7 @@ impl Control {
         let _op = self.op.lock().await;
         let reply = self.rpc.resume_memory(tags).await?;
         Ok(Outcome {
-            reply: self.note(reply, true),
+            reply: self.note(reply),
             aborted: 0,
         })
     }
@@ -225,7 +225,7 @@ impl Control {
             }
         }
         Ok(Outcome {
-            reply: self.note(reply, false),
+            reply: self.note(reply),
             aborted,
         })
     }
@@ -240,7 +240,7 @@ impl Control {
         let (_hold, aborted) = self.quiesce(None).await?;
         let reply = self.rpc.flush_cache().await?;
         Ok(Outcome {
-            reply: self.note(reply, false),
+            reply: self.note(reply),
             aborted,
         })
     }
@@ -281,7 +281,7 @@ impl Control {
                 ));
                 (reply, aborted)
             }
-            PauseMode::InPlace => (self.note(self.rpc.pause_generation().await?, false), 0),
+            PauseMode::InPlace => (self.note(self.rpc.pause_generation().await?), 0),
         };
         self.state().pause = Some((mode, hold));
         Ok(Outcome { reply, aborted })
@@ -292,7 +292,7 @@ impl Control {
         let reply = match self.paused() {
             None => self.local_reply("generation was not paused".into()),
             Some(PauseMode::Abort) => self.local_reply("generation continued".into()),
-            Some(PauseMode::InPlace) => self.note(self.rpc.continue_generation().await?, false),
+            Some(PauseMode::InPlace) => self.note(self.rpc.continue_generation().await?),
         };
         // Dropping the pause's hold lets the queue go.
         self.state().pause = None;

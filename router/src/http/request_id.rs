@@ -38,13 +38,20 @@ fn parse(value: &HeaderValue) -> Result<RequestId, ValidationError> {
 }
 
 pub async fn assign(mut req: Request, next: Next) -> Response {
-    let id = match req.headers().get(&HEADER).map(parse) {
-        None => RequestId::generate(),
-        Some(Ok(id)) => id,
-        Some(Err(e)) => return error_response(req.uri().path(), RouterError::Validation(e)),
+    let (id, mut response) = match req.headers().get(&HEADER).map(parse) {
+        Some(Err(e)) => {
+            // Refused, and answered under an id of the router's like any other answer.
+            let refusal = error_response(req.uri().path(), RouterError::Validation(e));
+            (RequestId::generate(), refusal)
+        }
+        given => {
+            let id = given
+                .and_then(Result::ok)
+                .unwrap_or_else(RequestId::generate);
+            req.extensions_mut().insert(id.clone());
+            (id, next.run(req).await)
+        }
     };
-    req.extensions_mut().insert(id.clone());
-    let mut response = next.run(req).await;
     if let Ok(value) = HeaderValue::from_str(&id.0) {
         response.headers_mut().insert(HEADER, value);
     }
