@@ -13,6 +13,10 @@ from tensorgate.executor.settings import ENGINE_NAMES, ExecutorSettings, add_arg
 from tensorgate.log_setup import setup_logging
 
 ENGINES = ("auto", *ENGINE_NAMES)
+RL_MAX_PAYLOAD_BYTES = 1 << 30
+# Keys reach the router by environment only: a command line is visible to every user (ps).
+API_KEY_ENV = "TENSORGATE_API_KEY"
+RL_CONTROL_KEY_ENV = "TENSORGATE_RL_CONTROL_KEY"
 
 
 def build_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +62,24 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
         default=os.environ.get("TENSORGATE_API_KEY"),
         help="require `Authorization: Bearer KEY` on every route but /health "
         "(default: $TENSORGATE_API_KEY; unset: no key)",
+    )
+    s.add_argument(
+        "--enable-rl-control",
+        action="store_true",
+        help="serve the rollout-control routes for RL trainers (/release_memory, "
+        "/update_weights, /pause_generation, ...: docs/api.md); needs --rl-control-key",
+    )
+    s.add_argument(
+        "--rl-control-key",
+        default=os.environ.get("TENSORGATE_RL_CONTROL_KEY"),
+        help="the key the rollout-control routes require (`Authorization: Bearer KEY`; never "
+        "the --api-key). Default: $TENSORGATE_RL_CONTROL_KEY",
+    )
+    s.add_argument(
+        "--rl-max-payload-bytes",
+        type=int,
+        default=RL_MAX_PAYLOAD_BYTES,
+        help="largest body of a rollout-control route, weights included (bytes; default 1 GiB)",
     )
     s.add_argument(
         "--cors-allow-origin",
@@ -133,6 +155,8 @@ def _router_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
     if a.max_batch_total_tokens is not None:
         args += ["--max-batch-total-tokens", str(a.max_batch_total_tokens)]
     args += ["--max-best-of", str(a.max_best_of)]
+    if a.enable_rl_control:
+        args += ["--enable-rl-control", "--rl-max-payload-bytes", str(a.rl_max_payload_bytes)]
     for origin in a.cors_allow_origin:
         args += ["--cors-allow-origin", origin]
     if a.max_input_tokens is not None:
@@ -151,6 +175,35 @@ def _router_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
     return args
 
 
+def rl_control_error(a: argparse.Namespace) -> str | None:
+    """Why the rollout-control settings cannot start (None: they can), checked before a model
+    is loaded. The router checks the same on its own."""
+    if not a.enable_rl_control:
+        return None
+    if not (a.rl_control_key or "").strip():
+        return (
+            f"--enable-rl-control needs --rl-control-key KEY (or ${RL_CONTROL_KEY_ENV}): the "
+            "control routes change the served weights and must not be open"
+        )
+    if a.api_key and a.api_key.strip() == a.rl_control_key.strip():
+        return "--rl-control-key must differ from --api-key"
+    if a.rl_max_payload_bytes < 1:
+        return f"--rl-max-payload-bytes must be at least 1, got {a.rl_max_payload_bytes}"
+    return None
+
+
+def router_env(a: argparse.Namespace) -> dict[str, str]:
+    """The router's environment: the launcher's, with the keys it was given (and no other)."""
+    env = dict(os.environ)
+    env.pop(API_KEY_ENV, None)
+    env.pop(RL_CONTROL_KEY_ENV, None)
+    if a.api_key:
+        env[API_KEY_ENV] = a.api_key
+    if a.enable_rl_control and a.rl_control_key:
+        env[RL_CONTROL_KEY_ENV] = a.rl_control_key
+    return env
+
+
 def serve(a: argparse.Namespace) -> int:
     from tensorgate.launcher.model_source import ModelSourceError, resolve
     from tensorgate.launcher.supervisor import (
@@ -160,6 +213,10 @@ def serve(a: argparse.Namespace) -> int:
         default_socket_path,
     )
 
+    problem = rl_control_error(a)
+    if problem:
+        print(f"tensorgate: {problem}", file=sys.stderr)
+        return 2
     try:
         source = resolve(a.model_id, a.tokenizer_name, a.engine)
     except ModelSourceError as e:
@@ -171,15 +228,11 @@ def serve(a: argparse.Namespace) -> int:
     else:
         socket, socket_dir = default_socket_path()
         owned.append(socket_dir)
-    # The key goes to the router by environment, never argv (visible to every user in ps).
-    router_env = dict(os.environ)
-    router_env.pop("TENSORGATE_API_KEY", None)
-    if a.api_key:
-        router_env["TENSORGATE_API_KEY"] = a.api_key
     plan = LaunchPlan(
         executor_args=_executor_args(a, source, socket),
         router_args=_router_args(a, source, socket),
-        router_env=router_env,
+        # The keys go to the router by environment, never argv (visible to every user in ps).
+        router_env=router_env(a),
         socket_path=socket,
         shutdown_timeout=a.shutdown_timeout,
         owned_dirs=owned,

@@ -126,10 +126,11 @@ def wait_ready(
 
 
 def executor_env(base: dict[str, str] | None) -> dict[str, str]:
-    """The executor's environment: the launcher's, less the router's API key (the executor
-    serves no HTTP and has no use for it)."""
+    """The executor's environment: the launcher's, less the router's keys (the executor
+    serves no HTTP and has no use for them)."""
     env = dict(os.environ if base is None else base)
     env.pop("TENSORGATE_API_KEY", None)
+    env.pop("TENSORGATE_RL_CONTROL_KEY", None)
     return env
 
 
