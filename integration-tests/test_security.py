@@ -180,6 +180,80 @@ def test_api_key_given_by_environment_is_on_no_command_line(tmp_path):
         assert key.encode() in Path(f"/proc/{router}/environ").read_bytes()
 
 
+# --- the rollout-control key ------------------------------------------------------------------
+
+# The routes --enable-rl-control adds (docs/api.md, "Rollout control"): they take the control
+# key, never the API key (router/src/http/rl/auth.rs).
+CONTROL_PATHS = {
+    "/release_memory",
+    "/resume_memory",
+    "/update_weights",
+    "/update_weights_from_disk",
+    "/update_weights_from_tensor",
+    "/flush_cache",
+    "/pause_generation",
+    "/continue_generation",
+    "/abort_request",
+    "/get_weight_version",
+}
+
+
+def env_without_keys() -> dict[str, str]:
+    env = env_without_key()
+    env.pop("TENSORGATE_RL_CONTROL_KEY", None)
+    return env
+
+
+def test_with_rl_control_every_route_needs_its_own_key(tmp_path):
+    """API key on every route but /health (the control routes included: it does not open
+    them); the control key on the control routes only."""
+    api, ctl = secrets.token_hex(16), secrets.token_hex(16)
+    env = {**env_without_keys(), "TENSORGATE_RL_CONTROL_KEY": ctl}
+    with synthetic_server(tmp_path, "--api-key", api, "--enable-rl-control", env=env) as server:
+        listed = routes(server.url, api)
+        control = [(m, p) for m, p in listed if p in CONTROL_PATHS]
+        assert {p for _, p in control} == CONTROL_PATHS, control
+        generation = [(m, p) for m, p in listed if p not in CONTROL_PATHS]
+        for method, path in generation:
+            if (method, path) in OPEN_ROUTES:
+                continue
+            r = call(server.url, method, path, {"Authorization": f"Bearer {ctl}"})
+            assert_unauthorized(path, r, says="API key")
+            ok = call(server.url, method, path, {"Authorization": f"Bearer {api}"})
+            assert ok.status_code in (200, 422), f"{method} {path}: {ok.status_code}"
+        for method, path in control:
+            assert_unauthorized(path, call(server.url, method, path, {}), says="Bearer")
+            for wrong in (f"Bearer {api}", "Bearer wrong-key", f"Bearer {ctl}x", ctl):
+                r = call(server.url, method, path, {"Authorization": wrong})
+                assert_unauthorized(path, r, says="control key")
+            # With the key the route acts (these bodies are empty: some are refused, 422, and a
+            # release before an update makes that update a conflict, 409): never 401.
+            r = call(server.url, method, path, {"Authorization": f"Bearer {ctl}"})
+            assert r.status_code in (200, 409, 422), f"{method} {path}: {r.status_code} {r.text}"
+
+
+def test_rl_control_key_is_on_no_child_command_line(tmp_path):
+    """Given as a flag, only the launcher's own argv shows the control key; the router gets it
+    by environment and the executor not at all."""
+    ctl = secrets.token_hex(16)
+    with synthetic_server(
+        tmp_path, "--enable-rl-control", "--rl-control-key", ctl, env=env_without_keys()
+    ) as server:
+        procs = session_pids(server.proc.pid)
+        router = module_pid(procs, "tensorgate.router")
+        executor = module_pid(procs, "tensorgate.executor")
+        showing = {p for p, cmd in every_cmdline().items() if ctl.encode() in cmd}
+        assert showing == {server.proc.pid}, {p: procs.get(p) for p in showing}
+        assert ctl.encode() in Path(f"/proc/{router}/environ").read_bytes()
+        assert ctl.encode() not in Path(f"/proc/{executor}/environ").read_bytes()
+        r = requests.get(
+            f"{server.url}/get_weight_version",
+            headers={"Authorization": f"Bearer {ctl}"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+
+
 # --- the executor's socket and port ------------------------------------------------------------
 
 
