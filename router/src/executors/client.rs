@@ -37,6 +37,8 @@ enum Command {
     Abort(Option<Vec<u64>>, String, oneshot::Sender<usize>),
     /// Answered once no request is live in the executor (at once if none is).
     WhenIdle(oneshot::Sender<()>),
+    /// Answered with the number of requests live in the executor now.
+    Live(oneshot::Sender<usize>),
 }
 
 pub type Submitted = (RequestGuard, mpsc::UnboundedReceiver<ExecutorEvent>);
@@ -119,6 +121,15 @@ impl ExecutorHandle {
     pub async fn abort(&self, ids: Option<Vec<u64>>, reason: String) -> usize {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Abort(ids, reason, tx)).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    /// Requests live in the executor now; requests submitted before the call are counted.
+    pub async fn live(&self) -> usize {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Live(tx)).is_err() {
             return 0;
         }
         rx.await.unwrap_or(0)
@@ -231,6 +242,9 @@ async fn dispatch(
                             // Nothing is live while disconnected.
                             Some(Command::WhenIdle(tx)) => {
                                 let _ = tx.send(());
+                            }
+                            Some(Command::Live(tx)) => {
+                                let _ = tx.send(0);
                             }
                             Some(Command::Abort(_, _, tx)) => {
                                 let _ = tx.send(0);
@@ -360,6 +374,9 @@ fn apply(
             let _ = reply.send(n);
         }
         Command::WhenIdle(tx) => idle_waiters.push(tx),
+        Command::Live(tx) => {
+            let _ = tx.send(pending.len());
+        }
     }
 }
 

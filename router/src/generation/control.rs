@@ -167,7 +167,9 @@ impl Control {
         let aborted = match abort {
             Some(reason) => self.executor.abort(None, reason.to_string()).await,
             None => {
-                if self.paused() == Some(PauseMode::InPlace) && self.registry.admitted() > 0 {
+                // Counted by the dispatcher after the hold is in force: every admission is
+                // in the count by then.
+                if self.paused() == Some(PauseMode::InPlace) && self.executor.live().await > 0 {
                     return Err(RouterError::Conflict(
                         "generation is paused in place with requests in the engine, which will \
                          not finish before /continue_generation: continue first, or pass \

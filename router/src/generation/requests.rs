@@ -102,15 +102,6 @@ impl RequestRegistry {
         self.len() == 0
     }
 
-    /// Generations in the executor now.
-    pub fn admitted(&self) -> usize {
-        self.live()
-            .values()
-            .flatten()
-            .filter(|e| matches!(e.stage, Stage::Admitted(_)))
-            .count()
-    }
-
     fn unregister(&self, id: &RequestId, key: u64) {
         let mut live = self.live();
         if let Some(entries) = live.get_mut(id) {
@@ -222,7 +213,6 @@ mod tests {
         let (mut b, rb) = registry.register(id("r1"));
         let (mut c, _rc) = registry.register(id("r2"));
         assert!(rb.admitted(42));
-        assert_eq!(registry.admitted(), 1);
         let aborted = registry.abort_id(&id("r1"), "stop");
         assert_eq!(aborted.count, 2);
         assert_eq!(

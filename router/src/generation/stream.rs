@@ -735,6 +735,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_executors_stamp_names_the_weights_else_the_version_at_the_start() {
+        let (s, tx, tok) = stream(10, &[]);
+        tx.send(output(ids(&tok, "a"), pb::FinishReason::Unspecified))
+            .expect("send");
+        tx.send(ExecutorEvent::Output(pb::RequestOutput {
+            request_id: 1,
+            token_ids: ids(&tok, "b"),
+            finish_reason: pb::FinishReason::Length as i32,
+            weight_version: "step-7".into(),
+            ..Default::default()
+        }))
+        .expect("send");
+        assert_eq!(collect(s).await.expect("ends").end.weight_version, "step-7");
+        // The budget is spent before the executor's final (stamped) output arrives.
+        let (s, tx, tok) = stream(1, &[]);
+        tx.send(output(ids(&tok, "a"), pb::FinishReason::Unspecified))
+            .expect("send");
+        assert_eq!(collect(s).await.expect("ends").end.weight_version, "0");
+    }
+
+    #[tokio::test]
+    async fn an_abort_ends_the_stream_as_aborted() {
+        let (s, tx, tok) = stream(10, &[]);
+        tx.send(output(ids(&tok, "a"), pb::FinishReason::Unspecified))
+            .expect("send");
+        tx.send(ExecutorEvent::Aborted("paused".into()))
+            .expect("send");
+        let e = collect(s).await.expect_err("aborted");
+        assert!(
+            matches!(e, RouterError::Aborted(ref m) if m == "paused"),
+            "{e}"
+        );
+        assert_eq!(e.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
     async fn an_engine_error_fails_the_stream() {
         let (s, tx, _) = stream(5, &[]);
         tx.send(ExecutorEvent::Output(pb::RequestOutput {

@@ -127,8 +127,18 @@ pub async fn health(State(state): State<AppState>) -> Response {
 /// `GET /health_generate` (trtllm-serve's name): generates one token through the whole path
 /// (admission, executor, engine), for load balancers that must know the engine works, not
 /// only that the process answers. Open without a key, as `/health`.
-#[utoipa::path(get, path = "/health_generate", tag = "TGI", responses((status = 200, description = "One token was generated"), (status = 503, description = "The engine could not generate within 10 s, or is unavailable", body = crate::errors::ErrorBody)))]
+#[utoipa::path(get, path = "/health_generate", tag = "TGI", responses((status = 200, description = "One token was generated"), (status = 503, description = "The engine could not generate within 10 s, is unavailable, sleeping, or held by rollout control", body = crate::errors::ErrorBody)))]
 pub async fn health_generate(State(state): State<AppState>) -> Response {
+    // Held by rollout control, the probe would only wait out its timeout.
+    let control = state.infer.control();
+    if control.paused().is_some() || control.update_in_progress() {
+        return RouterError::Unavailable(
+            "generation is held by rollout control (/pause_generation, or a bucketed \
+             /update_weights not yet finished)"
+                .into(),
+        )
+        .into_response();
+    }
     let params = GenerateParameters {
         max_new_tokens: Some(1),
         ..Default::default()
