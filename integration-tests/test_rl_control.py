@@ -411,6 +411,66 @@ def test_abort_request_by_rid(server):
     assert r.status_code == 422 and "rid" in r.json()["error"], r.text
 
 
+def metric(server: Server, name: str) -> float:
+    text = requests.get(f"{server.url}/metrics", headers=GEN, timeout=30).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_held_requests_whose_clients_leave_are_freed(server):
+    received = server.stats().requests_received
+    ok(control(server, "/pause_generation", {}))
+    try:
+        staying = Background(generate, server, 2)
+
+        def queued_becomes(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while metric(server, "tensorgate_requests_queued") != n:
+                assert time.monotonic() < deadline, f"queued never became {n}"
+                time.sleep(0.2)
+
+        queued_becomes(1)  # a held request is queued while its client waits
+        for _ in range(3):
+            with pytest.raises(requests.ReadTimeout):
+                requests.post(
+                    f"{server.url}/generate",
+                    json={"inputs": "hello", "parameters": {"max_new_tokens": 2}},
+                    headers=GEN,
+                    timeout=(5, 0.5),
+                )
+        # Those whose clients went are dropped (swept within a second); the one waiting stays.
+        queued_becomes(1)
+    finally:
+        ok(control(server, "/continue_generation"))
+    assert staying.get().status_code == 200
+    assert server.stats().requests_received == received + 1, "only the one that stayed ran"
+
+
+def test_shutdown_refuses_what_a_pause_holds_at_once(tmp_path):
+    env = {**env_without_keys(), "TENSORGATE_RL_CONTROL_KEY": CONTROL_KEY}
+    with synthetic_server(
+        tmp_path, "--enable-rl-control", "--shutdown-timeout", "60", env=env
+    ) as s:
+        r = requests.post(f"{s.url}/pause_generation", json={}, headers=CTL, timeout=30)
+        assert r.status_code == 200, r.text
+        held = Background(
+            requests.post,
+            f"{s.url}/generate",
+            json={"inputs": "hello", "parameters": {"max_new_tokens": 2}},
+            timeout=TIMEOUT,
+        )
+        time.sleep(0.5)
+        assert not held.done.is_set()
+        started = time.monotonic()
+        s.proc.terminate()
+        r = held.get()
+        assert r.status_code == 503, r.text
+        assert time.monotonic() - started < 10, "not held until --shutdown-timeout (60 s)"
+        assert s.proc.wait(timeout=60) == 0
+
+
 # --- limits and bad payloads -------------------------------------------------------------------
 
 
