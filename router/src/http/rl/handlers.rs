@@ -132,7 +132,7 @@ fn memory_tags(
 
 /// `POST /release_memory` (trtllm-serve's): frees engine memory by tag, after the requests in
 /// flight finish; generation then answers 503 `sleeping` until /resume_memory.
-#[utoipa::path(post, path = "/release_memory", tag = "Rollout control", request_body = MemoryRequest, responses((status = 200, description = "Released", body = ControlResponse), ControlErrors))]
+#[utoipa::path(post, path = "/release_memory", tag = "Rollout control", request_body = Option<MemoryRequest>, responses((status = 200, description = "Released", body = ControlResponse), ControlErrors))]
 pub async fn release_memory(
     State(state): State<AppState>,
     Extension(limit): Extension<RlPayloadLimit>,
@@ -147,7 +147,7 @@ pub async fn release_memory(
 
 /// `POST /resume_memory` (trtllm-serve's): takes released memory back; generation resumes
 /// once no tag is released.
-#[utoipa::path(post, path = "/resume_memory", tag = "Rollout control", request_body = MemoryRequest, responses((status = 200, description = "Resumed", body = ControlResponse), ControlErrors))]
+#[utoipa::path(post, path = "/resume_memory", tag = "Rollout control", request_body = Option<MemoryRequest>, responses((status = 200, description = "Resumed", body = ControlResponse), ControlErrors))]
 pub async fn resume_memory(
     State(state): State<AppState>,
     Extension(limit): Extension<RlPayloadLimit>,
@@ -164,7 +164,7 @@ pub async fn resume_memory(
 /// `{"weights": null}` to finish. From the first bucket to the finishing call, generation is
 /// held (the model holds a mix of weights: tensorrt_llm/llmapi/rlhf_utils.py says a
 /// multi-bucket sweep is not engine-atomic).
-#[utoipa::path(post, path = "/update_weights", tag = "Rollout control", request_body = UpdateWeightsRequest, responses((status = 200, description = "Bucket loaded, or update finished", body = ControlResponse), ControlErrors))]
+#[utoipa::path(post, path = "/update_weights", tag = "Rollout control", request_body = Option<UpdateWeightsRequest>, responses((status = 200, description = "Bucket loaded, or update finished", body = ControlResponse), ControlErrors))]
 pub async fn update_weights(
     State(state): State<AppState>,
     Extension(limit): Extension<RlPayloadLimit>,
@@ -294,7 +294,7 @@ pub async fn update_weights_from_tensor(
 
 /// `POST /flush_cache` (SGLang's): drops every cached prefix, after the requests in flight
 /// finish.
-#[utoipa::path(post, path = "/flush_cache", tag = "Rollout control", request_body = EmptyRequest, responses((status = 200, description = "Flushed", body = ControlResponse), ControlErrors))]
+#[utoipa::path(post, path = "/flush_cache", tag = "Rollout control", request_body = Option<EmptyRequest>, responses((status = 200, description = "Flushed", body = ControlResponse), ControlErrors))]
 pub async fn flush_cache(
     State(state): State<AppState>,
     Extension(limit): Extension<RlPayloadLimit>,
@@ -310,7 +310,7 @@ pub async fn flush_cache(
 
 /// `POST /pause_generation` (SGLang's): new requests wait until /continue_generation; those
 /// in flight are aborted (mode `abort`) or kept, paused, in the engine (mode `in_place`).
-#[utoipa::path(post, path = "/pause_generation", tag = "Rollout control", request_body = PauseRequest, responses((status = 200, description = "Paused", body = ControlResponse), ControlErrors))]
+#[utoipa::path(post, path = "/pause_generation", tag = "Rollout control", request_body = Option<PauseRequest>, responses((status = 200, description = "Paused", body = ControlResponse), ControlErrors))]
 pub async fn pause_generation(
     State(state): State<AppState>,
     Extension(limit): Extension<RlPayloadLimit>,
@@ -340,7 +340,7 @@ pub async fn pause_generation(
 }
 
 /// `POST /continue_generation` (SGLang's): ends a pause; waiting requests go.
-#[utoipa::path(post, path = "/continue_generation", tag = "Rollout control", request_body = EmptyRequest, responses((status = 200, description = "Continued", body = ControlResponse), ControlErrors))]
+#[utoipa::path(post, path = "/continue_generation", tag = "Rollout control", request_body = Option<EmptyRequest>, responses((status = 200, description = "Continued", body = ControlResponse), ControlErrors))]
 pub async fn continue_generation(
     State(state): State<AppState>,
     Extension(limit): Extension<RlPayloadLimit>,
