@@ -544,6 +544,13 @@ def test_x_request_id_is_echoed_or_made(server):
     r = generate(server, **{"x-request-id": "bad id"})
     assert r.status_code == 422 and "x-request-id" in r.json()["error"], r.text
     assert r.headers["x-request-id"]  # even the refusal carries one
+    r = requests.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "hi"},
+        headers={"x-request-id": "no-key-1"},
+        timeout=30,
+    )
+    assert r.status_code == 401 and r.headers["x-request-id"] == "no-key-1", r.text
 
 
 def test_weight_version_on_every_route_family(server, tmp_path):

@@ -39,29 +39,18 @@ pub struct HttpOptions {
 pub fn router(state: AppState, options: &HttpOptions) -> Result<Router, StartupError> {
     let lifecycle = state.lifecycle.clone();
     let with_rl = options.rl.is_some();
-    // Generation answers carry x-request-id, the rid /abort_request names.
-    let rid = || middleware::from_fn(request_id::assign);
     let mut app = Router::new()
-        .route("/", post(tgi::handlers::compat_generate).layer(rid()))
-        .route("/generate", post(tgi::handlers::generate).layer(rid()))
-        .route(
-            "/generate_stream",
-            post(tgi::handlers::generate_stream).layer(rid()),
-        )
+        .route("/", post(tgi::handlers::compat_generate))
+        .route("/generate", post(tgi::handlers::generate))
+        .route("/generate_stream", post(tgi::handlers::generate_stream))
         .route("/health", get(tgi::handlers::health))
         .route("/health_generate", get(tgi::handlers::health_generate))
         .route("/info", get(tgi::handlers::info))
         .route("/tokenize", post(tgi::handlers::tokenize))
         .route("/chat_tokenize", post(tgi::handlers::chat_tokenize))
         .route("/v1/models", get(openai::models::models))
-        .route(
-            "/v1/completions",
-            post(openai::completions::completions).layer(rid()),
-        )
-        .route(
-            "/v1/chat/completions",
-            post(openai::chat::chat_completions).layer(rid()),
-        )
+        .route("/v1/completions", post(openai::completions::completions))
+        .route("/v1/chat/completions", post(openai::chat::chat_completions))
         .route(
             "/api-doc/openapi.json",
             get(move || openapi::serve_document(with_rl)),
@@ -89,6 +78,8 @@ pub fn router(state: AppState, options: &HttpOptions) -> Result<Router, StartupE
             auth::require_api_key,
         ));
     }
+    // Outside the key and drain checks, so that their refusals carry x-request-id too.
+    app = app.route_layer(middleware::from_fn(request_id::assign));
     // Merged after the API key's layer: the control routes take their own key, not that one.
     if let Some(rl) = &options.rl {
         app = app.merge(rl::router(state, rl));

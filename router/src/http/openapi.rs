@@ -80,7 +80,7 @@ pub fn document(with_rl: bool) -> &'static serde_json::Value {
             api.merge(crate::http::rl::openapi::RlApiDoc::openapi());
         }
         let mut doc = serde_json::to_value(api).unwrap_or_default();
-        for path in GENERATION_PATHS {
+        for path in crate::http::request_id::GENERATION_PATHS {
             if let Some(op) = doc["paths"][path]["post"].as_object_mut() {
                 request_id_header(op);
             }
@@ -133,15 +133,6 @@ fn sse_event(ok: &str, err: &str) -> serde_json::Value {
         },
     })
 }
-
-/// The routes whose answers carry `x-request-id`.
-const GENERATION_PATHS: [&str; 5] = [
-    "/",
-    "/generate",
-    "/generate_stream",
-    "/v1/completions",
-    "/v1/chat/completions",
-];
 
 /// Documents the `x-request-id` header: accepted on the request, echoed on every answer.
 fn request_id_header(op: &mut serde_json::Map<String, serde_json::Value>) {

@@ -1,6 +1,6 @@
 //! `x-request-id` on the generation routes: the client's own (checked) or one the router
-//! makes, handed to the handler and echoed on every answer, errors included. It is the `rid`
-//! that /abort_request names.
+//! makes, handed to the handler and echoed on every answer, refusals included. It is the
+//! `rid` that /abort_request names.
 
 use std::sync::Arc;
 
@@ -37,7 +37,19 @@ fn parse(value: &HeaderValue) -> Result<RequestId, ValidationError> {
     Ok(RequestId(Arc::from(text.as_ref())))
 }
 
+/// The routes whose answers carry the header (the OpenAPI document lists them too).
+pub const GENERATION_PATHS: [&str; 5] = [
+    "/",
+    "/generate",
+    "/generate_stream",
+    "/v1/completions",
+    "/v1/chat/completions",
+];
+
 pub async fn assign(mut req: Request, next: Next) -> Response {
+    if !GENERATION_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     let (id, mut response) = match req.headers().get(&HEADER).map(parse) {
         Some(Err(e)) => {
             // Refused, and answered under an id of the router's like any other answer.
