@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -165,6 +166,22 @@ def start_server(log_path: Path, control_key: str) -> tuple[subprocess.Popen, st
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_started(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
+    """Until the server answers /health, failing at once (with its log) if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # refused while starting, or 503 (urllib's HTTPError is an OSError)
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not healthy after {timeout_s:.0f}s (log: {log_path})")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -351,14 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         key = secrets.token_urlsafe(24)
         log_path = Path(tempfile.mkdtemp(prefix="grpo-")) / "server.log"
         proc, url = start_server(log_path, key)
-        print(f"started tensorgate serve at {url} (log: {log_path})")
+        print(f"starting tensorgate serve at {url} (log: {log_path})", flush=True)
     started = time.perf_counter()
     try:
+        if proc is not None:
+            wait_started(proc, url, log_path, timeout_s=900)  # the first start converts the model
         logs = asyncio.run(train(args, url, key))
-    except BaseException:
-        if proc is not None and proc.poll() is not None:
-            print(f"the server exited with {proc.returncode}; its log:\n{log_path.read_text()}")
-        raise
     finally:
         if proc is not None:
             stop_server(proc)
