@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--questions must be in [1, {len(QUESTIONS)}]")
     torch.manual_seed(args.seed)
 
+    # SIGTERM ends the script through its `finally`, so the server it started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     proc = None
     if args.url:
         url, key = args.url, args.control_key or os.environ.get("TENSORGATE_RL_CONTROL_KEY")
