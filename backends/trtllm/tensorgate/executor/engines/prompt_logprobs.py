@@ -89,7 +89,17 @@ def score_prompt(model, prompt: list[int], top_n: int) -> PromptLogprobs:
     if len(prompt) < 2:
         return PromptLogprobs([], [], [])
     ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
-    logits = model(input_ids=ids, use_cache=False).logits
+    # Continuous batching sets the model to a paged kernel ("paged|sdpa"), which transformers
+    # before 5.2x refuses outside a paged cache; this pass is a standard causal forward, run
+    # between the manager's steps, so the unpaged kernel is swapped in for it alone.
+    config = model.config
+    impl = config._attn_implementation
+    plain = impl.split("|", 1)[1] if isinstance(impl, str) and impl.startswith("paged|") else impl
+    config._attn_implementation = plain
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        config._attn_implementation = impl
     return from_logits(logits[0, :-1], prompt, top_n)
 
 
