@@ -27,6 +27,10 @@ except ImportError as e:  # pragma: no cover - depends on the install
 # 640 MiB of tensor bytes per request: base64 makes ~853 MiB of body, under the server's
 # default --rl-max-payload-bytes (1 GiB); the embedded 135M model (538 MB) goes in one request.
 DEFAULT_BUCKET_BYTES = 640 << 20
+# CUDA IPC sends handles, a few kB per bucket whatever it holds, and an update costs per
+# request (~7 ms each on the H200, docs/benchmarks.md section 6): 4 GiB buckets update an 8B
+# model in 87 ms where 512 MiB buckets take 274 ms.
+DEFAULT_IPC_BUCKET_BYTES = 4 << 30
 
 Transport = Literal["auto", "tensors", "cuda_ipc"]
 UpdateMode = Literal["wait", "abort"]
@@ -280,14 +284,16 @@ class RolloutClient:
         self,
         state_dict: Mapping[str, torch.Tensor],
         *,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        bucket_bytes: int | None = None,
         weight_version: str | None = None,
         mode: UpdateMode = "wait",
         transport: Transport = "auto",
         dtype: torch.dtype | None = None,
         flush_cache: bool = True,
     ) -> UpdateResult:
-        """Pushes a whole (or partial) state dict in buckets of at most `bucket_bytes`.
+        """Pushes a whole (or partial) state dict in buckets of at most `bucket_bytes`
+        (default: DEFAULT_BUCKET_BYTES of bytes on the tensors transport,
+        DEFAULT_IPC_BUCKET_BYTES of handles on cuda_ipc).
 
         `transport`: "tensors" sends the bytes (SGLang's /update_weights_from_tensor, one
         request per bucket); "cuda_ipc" sends CUDA IPC handles (trtllm-serve's /update_weights,
@@ -310,6 +316,10 @@ class RolloutClient:
             transport = "cuda_ipc" if all(t.device.type == "cuda" for _, t in named) else "tensors"
         if transport not in ("tensors", "cuda_ipc"):
             raise ValueError(f"transport must be auto, tensors or cuda_ipc, got {transport!r}")
+        if bucket_bytes is None:
+            bucket_bytes = (
+                DEFAULT_BUCKET_BYTES if transport == "tensors" else DEFAULT_IPC_BUCKET_BYTES
+            )
         started = time.perf_counter()
         groups = list(w.buckets(named, bucket_bytes))
         total = sum(w.tensor_bytes(t) for _, t in named)
