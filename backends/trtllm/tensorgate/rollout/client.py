@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from tensorgate.rollout import weights as w
+import tensorgate.rollout.weights as w
 from tensorgate.rollout.errors import RolloutConnectionError, RolloutError, error_from_response
 from tensorgate.rollout.types import ControlResult, Sample, SamplingParams, UpdateResult
 
