@@ -86,9 +86,9 @@ def serving(engine, tmp_path):
 
 
 def test_an_engine_without_events_answers_unimplemented(tmp_path):
-    stub, close = serving(
-        SyntheticEngine(iteration_ms=5, max_batch_size=4, vocab_size=100), tmp_path
-    )
+    # The synthetic engine with prefix reuse off publishes none.
+    engine = SyntheticEngine(iteration_ms=5, max_batch_size=4, vocab_size=100, prefix_cache=False)
+    stub, close = serving(engine, tmp_path)
     try:
         with pytest.raises(grpc.RpcError) as e:
             next(iter(stub.KvCacheEvents(pb.KvCacheEventsRequest(), timeout=10)))

@@ -235,9 +235,13 @@ def test_a_cancel_while_paused_still_ends_the_request(executor):
     stream.send(None)
 
 
-def test_flush_cache_says_there_is_none(executor):
-    stub, _ = executor
-    assert "no prefix cache" in stub.FlushCache(pb.FlushCacheRequest()).message
+def test_flush_cache_drops_the_prefix_cache_model(executor):
+    stub, engine = executor
+    generate(stub, 41)  # its prompt has no full block: nothing cached
+    assert "0 cached block(s) dropped" in stub.FlushCache(pb.FlushCacheRequest()).message
+    engine.prefix.admit(list(range(1, 40)))  # two full blocks of 16
+    assert "2 cached block(s) dropped" in stub.FlushCache(pb.FlushCacheRequest()).message
+    assert len(engine.prefix) == 0
 
 
 class _NoMemoryControl(SyntheticEngine):

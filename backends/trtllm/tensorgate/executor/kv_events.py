@@ -4,15 +4,26 @@ TensorRT-LLM serializes its events (`tensorrt_llm/_utils.py`, `KVCacheEventSeria
 `{"event_id", "data": {"type": ...}, "window_size"}` with `type` one of "stored" (`parent_hash`,
 `blocks[]` each with `block_hash` and `tokens[].token_id`), "removed" (`block_hashes`),
 "created" and "updated" (cache-level bookkeeping, nothing a router can route on: skipped).
+
+Engines that track their blocks themselves (synthetic, transformers) publish through `KvEventLog`:
+increasing event ids, a bounded buffer that drops its oldest events when full (the gap in the ids
+tells the router it missed some), drained by the server's `KvCacheEvents` stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
 
 from tensorgate.v1 import executor_pb2 as pb
 
 _U64 = (1 << 64) - 1
+
+# Events kept for a router that reads them late (or not yet): beyond this the oldest are dropped.
+KV_EVENTS_KEPT = 65_536
+# Most events in one stream message: ~100 bytes each, well under gRPC's 4 MiB default.
+KV_EVENTS_PER_BATCH = 4096
 
 
 def _hash(h: int) -> int:
@@ -41,3 +52,58 @@ def batch_from_trtllm(events: Iterable[dict]) -> pb.KvCacheEventBatch:
         elif kind == "cleared":
             batch.events.add(event_id=int(e.get("event_id", 0)), all_cleared=True)
     return batch
+
+
+class KvEventLog:
+    """The events an engine published and no stream has taken yet, oldest first. Thread-safe:
+    engines publish from their loop or control threads, the server drains from its own."""
+
+    def __init__(self, kept: int = KV_EVENTS_KEPT, per_batch: int = KV_EVENTS_PER_BATCH) -> None:
+        if kept < 1 or per_batch < 1:
+            raise ValueError(f"kept ({kept}) and per_batch ({per_batch}) must be positive")
+        self._lock = threading.Lock()
+        self._events: deque[pb.KvCacheEvent] = deque(maxlen=kept)
+        self._per_batch = per_batch
+        self._next_id = 1
+        self.dropped = 0  # events lost to a full buffer, for tests and logs
+
+    def _add(self) -> pb.KvCacheEvent:
+        # Under the lock. A full deque drops its oldest on append: the gap the contract names.
+        if len(self._events) == self._events.maxlen:
+            self.dropped += 1
+        ev = pb.KvCacheEvent(event_id=self._next_id)
+        self._next_id += 1
+        self._events.append(ev)
+        return ev
+
+    def stored(self, parent: int | None, blocks: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Blocks (hash, tokens) stored in sequence order, the first continuing `parent`."""
+        if not blocks:
+            return
+        with self._lock:
+            ev = self._add()
+            ev.stored.SetInParent()
+            if parent is not None:
+                ev.stored.parent_hash = parent
+            for h, tokens in blocks:
+                ev.stored.blocks.add(block_hash=h, token_ids=tokens)
+
+    def removed(self, hashes: Iterable[int]) -> None:
+        hashes = list(hashes)
+        if not hashes:
+            return
+        with self._lock:
+            self._add().removed.block_hashes.extend(hashes)
+
+    def cleared(self) -> None:
+        with self._lock:
+            self._add().all_cleared = True
+
+    def drain(self) -> pb.KvCacheEventBatch:
+        """Up to KV_EVENTS_PER_BATCH of the oldest events, taken out of the buffer."""
+        batch = pb.KvCacheEventBatch()
+        with self._lock:
+            n = min(len(self._events), self._per_batch)
+            taken = [self._events.popleft() for _ in range(n)]
+        batch.events.extend(taken)
+        return batch

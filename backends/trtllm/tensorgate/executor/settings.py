@@ -33,6 +33,11 @@ DEFAULT_BLOCK_SIZE = 64
 DEFAULT_FREE_GPU_MEMORY_FRACTION = 0.9
 DEFAULT_KV_BLOCK_REUSE = True
 DEFAULT_CAPACITY_SCHEDULER_POLICY = "guaranteed_no_evict"
+# The synthetic engine's prefix-cache model (engines/synthetic_prefix_cache.py).
+DEFAULT_SYNTHETIC_BLOCK_SIZE = 16
+DEFAULT_SYNTHETIC_CACHE_BLOCKS = 4096
+# 1000 uncached prompt tokens cost one default iteration (20 ms).
+DEFAULT_SYNTHETIC_PREFILL_US_PER_TOKEN = 20.0
 
 
 class SettingError(ValueError):
@@ -100,6 +105,24 @@ class ExecutorSettings:
     vocab_size: int = _setting(
         DEFAULT_VOCAB_SIZE, "vocabulary size", engines=("synthetic",), minimum=2
     )
+    synthetic_block_size: int = _setting(
+        DEFAULT_SYNTHETIC_BLOCK_SIZE,
+        "tokens per block of the prefix-cache model",
+        engines=("synthetic",),
+        minimum=1,
+    )
+    synthetic_cache_blocks: int = _setting(
+        DEFAULT_SYNTHETIC_CACHE_BLOCKS,
+        "blocks the prefix-cache model keeps (least recently used evicted)",
+        engines=("synthetic",),
+        minimum=1,
+    )
+    synthetic_prefill_us_per_token: float = _setting(
+        DEFAULT_SYNTHETIC_PREFILL_US_PER_TOKEN,
+        "microseconds of prefill per uncached prompt token, added to the iteration a request joins",
+        engines=("synthetic",),
+        minimum=0,
+    )
     kv_cache_free_gpu_memory_fraction: float = _setting(
         DEFAULT_FREE_GPU_MEMORY_FRACTION,
         "share of the GPU memory left after the weights that the KV cache takes",
@@ -108,7 +131,9 @@ class ExecutorSettings:
         maximum=1,
     )
     enable_kv_block_reuse: bool = _setting(
-        DEFAULT_KV_BLOCK_REUSE, "KV cache prefix reuse across requests", engines=("trtllm",)
+        DEFAULT_KV_BLOCK_REUSE,
+        "KV cache prefix reuse across requests, and the KV-cache events KV-aware routing reads "
+        "(trtllm: those also need --kv-event-buffer-size)",
     )
     capacity_scheduler_policy: str = _setting(
         DEFAULT_CAPACITY_SCHEDULER_POLICY,

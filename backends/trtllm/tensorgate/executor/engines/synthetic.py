@@ -11,6 +11,13 @@ checked; pickles and CUDA IPC handles are not opened: there is no model to load 
 an in-place pause stops the loop stepping while it keeps its requests. Prompt log
 probabilities, when asked, are deterministic too (`prompt_logprob`), on the request's first
 output: no model scores anything.
+
+Prefix caching is modelled (synthetic_prefix_cache.py), so that KV-aware routing is measurable
+without a model: a request's prompt is matched against an LRU of blocks, and the iteration in
+which requests join lasts longer by the prefill of their uncached prompt tokens
+(`prefill_us_per_token` each), which delays every token of that iteration, the joiners' first
+among them, as a prefill does in an engine without chunked prefill. The blocks stored and
+evicted are published as KV-cache events.
 """
 
 from __future__ import annotations
@@ -43,12 +50,20 @@ from tensorgate.executor.engine import (
     check_features,
     check_request,
 )
+from tensorgate.executor.engines.synthetic_prefix_cache import PrefixCache
+from tensorgate.executor.kv_events import KV_EVENTS_KEPT, KvEventLog
 from tensorgate.executor.live_requests import LiveRequests
-from tensorgate.executor.settings import DEFAULT_ITERATION_MS, DEFAULT_VOCAB_SIZE, EngineConfig
+from tensorgate.executor.settings import (
+    DEFAULT_ITERATION_MS,
+    DEFAULT_SYNTHETIC_BLOCK_SIZE,
+    DEFAULT_SYNTHETIC_CACHE_BLOCKS,
+    DEFAULT_SYNTHETIC_PREFILL_US_PER_TOKEN,
+    DEFAULT_VOCAB_SIZE,
+    EngineConfig,
+)
 from tensorgate.executor.weights import safetensors_header
 from tensorgate.v1 import executor_pb2 as pb
 
-BLOCK_SIZE = 64
 MEMORY_TAGS = (KV_CACHE, MODEL)
 _LENGTH = pb.FINISH_REASON_LENGTH
 _STOP = pb.FINISH_REASON_STOP_TOKEN
@@ -65,6 +80,8 @@ class _Active:
     min_new: int = 0  # a stop token before this many tokens does not end the request
     generated: int = 0
     prompt: list[float] | None = None  # prompt log probabilities, until the first output
+    input_ids: list[int] | None = None  # kept for the prefix cache, until admission
+    uncached: int = 0  # prompt tokens to prefill: set on admission
 
 
 @dataclass(frozen=True)
@@ -84,11 +101,23 @@ class SyntheticEngine(Engine):
         max_input_tokens: int = 4096,
         max_total_tokens: int = 8192,
         vocab_size: int = DEFAULT_VOCAB_SIZE,
+        prefix_cache: bool = True,
+        block_size: int = DEFAULT_SYNTHETIC_BLOCK_SIZE,
+        cache_blocks: int = DEFAULT_SYNTHETIC_CACHE_BLOCKS,
+        prefill_us_per_token: float = DEFAULT_SYNTHETIC_PREFILL_US_PER_TOKEN,
+        kv_events_kept: int = KV_EVENTS_KEPT,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
         self.period = iteration_ms / 1000.0
+        self.block_size = block_size
+        self.prefill_s_per_token = prefill_us_per_token / 1e6
+        # None: prefix reuse off; every prompt token is prefilled and no event is published.
+        self.kv_events = KvEventLog(kept=kv_events_kept) if prefix_cache else None
+        self.prefix = (
+            PrefixCache(block_size, cache_blocks, self.kv_events) if self.kv_events else None
+        )
         self.vocab_size = vocab_size
         self.limits = EngineLimits(
             max_batch_size=max_batch_size,
@@ -126,6 +155,10 @@ class SyntheticEngine(Engine):
             max_input_tokens=s.max_input_tokens or 4096,
             max_total_tokens=s.max_total_tokens or 8192,
             vocab_size=s.vocab_size,
+            prefix_cache=s.enable_kv_block_reuse,
+            block_size=s.synthetic_block_size,
+            cache_blocks=s.synthetic_cache_blocks,
+            prefill_us_per_token=s.synthetic_prefill_us_per_token,
         )
 
     def info(self) -> EngineInfo:
@@ -168,14 +201,14 @@ class SyntheticEngine(Engine):
                 next_tick = time.monotonic()
                 continue
             started = time.monotonic()
-            self._iterate(emit)
+            stalled = self._iterate(emit)
             self.counters.last_iteration_ms = (time.monotonic() - started) * 1000
             if not self.active and not self.waiting:
                 # Idle: sleep until work arrives rather than ticking at the cadence.
                 self.inbox.wake.wait(timeout=0.5)
                 next_tick = time.monotonic()
                 continue
-            next_tick += self.period
+            next_tick += self.period + stalled
             delay = next_tick - time.monotonic()
             if delay > 0:
                 self._stop.wait(delay)
@@ -189,7 +222,8 @@ class SyntheticEngine(Engine):
         if batch.outputs:
             emit(batch)
 
-    def _iterate(self, emit: Emit) -> None:
+    def _iterate(self, emit: Emit) -> float:
+        """One iteration; returns the seconds it spent on the joiners' prefill."""
         c = self.counters
         batch = pb.IterationOutput()
         self._take_inbox(batch)
@@ -199,11 +233,20 @@ class SyntheticEngine(Engine):
             self.active.clear()
             self.waiting.clear()
         fresh: list[tuple[int, _Active]] = []  # (position among the outputs, request)
+        prefill = 0
         while self.waiting and len(self.active) < self.limits.max_batch_size:
             a = self.waiting.popleft()
             if a.prompt is not None:
                 fresh.append((len(self.active), a))
+            if a.input_ids is not None:
+                # Matched now, not on arrival: what the requests admitted before it stored counts.
+                a.uncached = a.prompt_len - self.prefix.admit(a.input_ids)
+            prefill += a.uncached
             self.active[a.rid] = a
+        stalled = prefill * self.prefill_s_per_token
+        if stalled > 0:
+            # The joiners' prefill: this iteration's tokens (their first) come out that much later.
+            self._stop.wait(stalled)
         base = len(batch.outputs)
         # The hot loop: field-by-field on `add()` is the cheapest way to build the message.
         add = batch.outputs.add
@@ -228,8 +271,9 @@ class SyntheticEngine(Engine):
             a.prompt = None
         stepped = len(self.active)
         for rid, reason in done:
-            del self.active[rid]
+            a = self.active.pop(rid)
             self.live.finish(rid, reason)
+            self._cache_generated(a)
         self._snapshot = _Snapshot(
             active=len(self.active),
             queued=len(self.waiting),
@@ -239,6 +283,17 @@ class SyntheticEngine(Engine):
         c.iterations += 1
         if batch.outputs:
             emit(batch)
+        return stalled
+
+    def _cache_generated(self, a: _Active) -> None:
+        """The blocks its generated tokens completed go into the prefix cache as it ends."""
+        if a.input_ids is None or self.prefix is None:
+            return
+        b = self.block_size
+        if (a.prompt_len + a.generated - 1) // b > a.prompt_len // b:
+            generated = [self.token(a.rid, step) for step in range(a.generated)]
+            self.prefix.extend(a.input_ids, generated)
+        a.input_ids = None
 
     def _take_inbox(self, batch: pb.IterationOutput) -> None:
         requests, cancels = self.inbox.drain()
@@ -261,6 +316,10 @@ class SyntheticEngine(Engine):
                 if r.return_prompt_logprobs:
                     ids = r.input_ids
                     a.prompt = [prompt_logprob(ids[i], i) for i in range(1, len(ids))]
+                if self.prefix is not None:
+                    a.input_ids = list(r.input_ids)
+                else:
+                    a.uncached = a.prompt_len
                 self.live.add(r.id, a)
                 self.waiting.append(a)
         if not cancels:
@@ -284,14 +343,17 @@ class SyntheticEngine(Engine):
 
     def stats(self) -> pb.StatsResponse:
         snap = self._snapshot
-        capacity_blocks = self.limits.max_batch_size * self.limits.max_total_tokens // BLOCK_SIZE
-        used_blocks = -(-snap.used_tokens // BLOCK_SIZE)
+        # Blocks of the running requests, in the prefix-cache model's block size (the size its
+        # events' blocks have, which a router hashing prompts needs).
+        b = self.block_size
+        capacity_blocks = self.limits.max_batch_size * self.limits.max_total_tokens // b
+        used_blocks = -(-snap.used_tokens // b)
         return self.counters.to_proto(
             active=snap.active,
             queued=snap.queued,
             blocks_used=used_blocks,
             blocks_free=max(capacity_blocks - used_blocks, 0),
-            block_size=BLOCK_SIZE,
+            block_size=b,
         )
 
     # -- rollout control (state only) -----------------------------------------------------------
@@ -329,6 +391,8 @@ class SyntheticEngine(Engine):
                     "release ends every live request)"
                 )
             self._released = self._released | set(act)
+        if KV_CACHE in act and self.prefix is not None:
+            self.prefix.clear()  # a released KV cache keeps no block
         self.inbox.wake.set()  # the loop fails what is live
         return ControlResult(
             message=f"released {', '.join(act) or 'nothing'} (synthetic: no memory is held, "
@@ -366,8 +430,11 @@ class SyntheticEngine(Engine):
         with self._control:
             self._buckets = 0
             version = self.versions.advance(request.weight_version)
+        flushed = ""
+        if request.flush_cache and self.prefix is not None:
+            flushed = f"; prefix cache flushed: {self.prefix.clear()} cached block(s) dropped"
         return ControlResult(
-            message=f"weights now {version!r} (synthetic: no model; {source})",
+            message=f"weights now {version!r} (synthetic: no model; {source}){flushed}",
             tensors_updated=tensors,
         )
 
@@ -382,8 +449,17 @@ class SyntheticEngine(Engine):
             return 0  # not opened here: no model to check it against
         return sum(len(safetensors_header(p)) for p in tensors.payloads)
 
+    def kv_cache_event_batch(self) -> pb.KvCacheEventBatch | None:
+        return self.kv_events.drain() if self.kv_events is not None else None
+
     def flush_cache(self) -> ControlResult:
-        return ControlResult(message="synthetic: no prefix cache to flush")
+        if self.prefix is None:
+            return ControlResult(
+                message="prefix reuse is off (--no-enable-kv-block-reuse): no "
+                "prefix block is cached"
+            )
+        n = self.prefix.clear()
+        return ControlResult(message=f"prefix cache flushed: {n} cached block(s) dropped")
 
     def pause_generation(self) -> ControlResult:
         with self._control:
