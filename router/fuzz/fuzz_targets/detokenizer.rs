@@ -10,7 +10,9 @@
 //!
 //! Contract checked (detokenizer.rs): no panic; no pushed piece ends inside a character
 //! (ends with U+FFFD); and when the whole generation decodes to text without U+FFFD, the
-//! pieces plus `flush` are exactly that text — the prompt's own text excluded.
+//! pieces plus `flush` are exactly that text — the prompt's own text excluded. For a
+//! byte-level tokenizer, the pieces through its byte table (byte_level.rs, what the router
+//! streams with) are the pieces through the tokenizer's own decoder, invalid UTF-8 included.
 //!
 //! Input layout: byte 0 picks the tokenizer (bit 0) and the prompt length (0..=5, within
 //! the decoder's CONTEXT_TOKENS, so the whole prompt is context); then u16 LE ids mod the
@@ -23,7 +25,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
-use tensorgate_router::generation::detokenizer::IncrementalDecoder;
+use tensorgate_router::generation::byte_level::ByteLevelTable;
+use tensorgate_router::generation::detokenizer::{DecodeIds, IncrementalDecoder};
 use tokenizers::Tokenizer;
 
 /// GPT-2's byte → printable char table, as the ByteLevel pre-tokenizer/decoder use.
@@ -157,8 +160,8 @@ fn byte_fallback() -> Tokenizer {
 
 /// The tokenizers with their vocabulary sizes (`get_vocab_size(true)` copies the whole
 /// vocabulary: far too slow to call per input).
-fn tokenizers() -> &'static [(Tokenizer, u32)] {
-    static TOKENIZERS: OnceLock<Vec<(Tokenizer, u32)>> = OnceLock::new();
+fn tokenizers() -> &'static [(Tokenizer, u32, Option<ByteLevelTable>)] {
+    static TOKENIZERS: OnceLock<Vec<(Tokenizer, u32, Option<ByteLevelTable>)>> = OnceLock::new();
     TOKENIZERS.get_or_init(|| {
         let all = match std::env::var_os("TG_FUZZ_TOKENIZER") {
             Some(path) => {
@@ -169,7 +172,8 @@ fn tokenizers() -> &'static [(Tokenizer, u32)] {
         all.into_iter()
             .map(|t| {
                 let n = t.get_vocab_size(true) as u32;
-                (t, n)
+                let table = ByteLevelTable::build(&t);
+                (t, n, table)
             })
             .collect()
     })
@@ -180,7 +184,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let all = tokenizers();
-    let (tok, vocab) = &all[(head & 1) as usize % all.len()];
+    let (tok, vocab, table) = &all[(head & 1) as usize % all.len()];
     let mut ids: Vec<u32> = rest
         .chunks(2)
         .map(|c| u32::from(u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)])) % *vocab)
@@ -191,6 +195,20 @@ fuzz_target!(|data: &[u8]| {
     }
     let generated = ids.split_off(prompt_len);
     let prompt = ids;
+
+    if let Some(table) = table {
+        let pieces = |d: &dyn DecodeIds| {
+            let mut decoder = IncrementalDecoder::new(&prompt);
+            let mut out: Vec<String> = generated.iter().map(|&id| decoder.push(d, id)).collect();
+            out.push(decoder.flush(d));
+            out
+        };
+        assert_eq!(
+            pieces(table),
+            pieces(tok),
+            "prompt {prompt:?} generated {generated:?}: the byte table streams other pieces"
+        );
+    }
 
     let mut decoder = IncrementalDecoder::new(&prompt);
     let mut streamed = String::new();

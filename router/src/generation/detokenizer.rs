@@ -4,9 +4,29 @@
 
 use tokenizers::Tokenizer;
 
+use crate::generation::byte_level::ByteLevelTable;
+
 /// Prompt tokens kept as left context, so that decoders which strip a leading space
 /// (SentencePiece "▁") see the first generated token mid-sentence, as it is.
 const CONTEXT_TOKENS: usize = 5;
+
+/// Turns a window of token ids into text exactly as `Tokenizer::decode(ids, false)` does
+/// (invalid UTF-8 replaced by U+FFFD, unknown ids skipped).
+pub trait DecodeIds {
+    fn decode_ids(&self, ids: &[u32]) -> String;
+}
+
+impl DecodeIds for Tokenizer {
+    fn decode_ids(&self, ids: &[u32]) -> String {
+        self.decode(ids, false).unwrap_or_default()
+    }
+}
+
+impl DecodeIds for ByteLevelTable {
+    fn decode_ids(&self, ids: &[u32]) -> String {
+        self.decode(ids)
+    }
+}
 
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
@@ -27,17 +47,12 @@ impl IncrementalDecoder {
     }
 
     /// Adds one token and returns the text it completes ("" while a character is unfinished).
-    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> String {
+    pub fn push<D: DecodeIds + ?Sized>(&mut self, decoder: &D, id: u32) -> String {
         self.ids.push(id);
-        let prefix = tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset], false)
-            .unwrap_or_default();
-        let full = tokenizer
-            .decode(&self.ids[self.prefix_offset..], false)
-            .unwrap_or_default();
+        let prefix = decoder.decode_ids(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = decoder.decode_ids(&self.ids[self.prefix_offset..]);
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            // Char-wise, because decoders may normalise the prefix differently.
-            let text: String = full.chars().skip(prefix.chars().count()).collect();
+            let text = new_text(&prefix, &full);
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             // Bound the window: keep only what the next decode needs.
@@ -53,17 +68,23 @@ impl IncrementalDecoder {
     }
 
     /// Text still held back (an unfinished character at the end of generation).
-    pub fn flush(&self, tokenizer: &Tokenizer) -> String {
+    pub fn flush<D: DecodeIds + ?Sized>(&self, decoder: &D) -> String {
         if self.read_offset == self.ids.len() {
             return String::new();
         }
-        let prefix = tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset], false)
-            .unwrap_or_default();
-        let full = tokenizer
-            .decode(&self.ids[self.prefix_offset..], false)
-            .unwrap_or_default();
-        full.chars().skip(prefix.chars().count()).collect()
+        let prefix = decoder.decode_ids(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = decoder.decode_ids(&self.ids[self.prefix_offset..]);
+        new_text(&prefix, &full)
+    }
+}
+
+/// What `full` adds to `prefix`, char-wise, because decoders may normalise the prefix
+/// differently (a SentencePiece strip). When `full` begins with `prefix`'s bytes, its first
+/// chars are `prefix`'s: the same text without counting chars.
+fn new_text(prefix: &str, full: &str) -> String {
+    match full.strip_prefix(prefix) {
+        Some(rest) => rest.to_string(),
+        None => full.chars().skip(prefix.chars().count()).collect(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! chat templates, the admitted generation's stream (detokenization, stop sequences), and
 //! rollout control ordered against it (`control`, `requests`).
 
+pub mod byte_level;
 pub mod chat_template;
 pub mod control;
 pub mod detokenizer;

@@ -274,7 +274,7 @@ impl GenerationStream {
         self.done = true;
         let mut generated_text = self.text.clone();
         if finish_reason != FinishReason::StopSequence {
-            generated_text.push_str(&self.decoder.flush(self.tokenizer.tokenizer()));
+            generated_text.push_str(&self.decoder.flush(&self.tokenizer));
         }
         EndInfo {
             finish_reason,
@@ -329,7 +329,7 @@ impl GenerationStream {
         let n = out.token_ids.len();
         self.record_timing(n);
         for (i, &id) in out.token_ids.iter().enumerate() {
-            let text = self.decoder.push(self.tokenizer.tokenizer(), id);
+            let text = self.decoder.push(&self.tokenizer, id);
             let special = self.tokenizer.is_special(id);
             if !special {
                 self.text.push_str(&text);

@@ -7,11 +7,15 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use crate::errors::RouterError;
+use crate::generation::byte_level::ByteLevelTable;
+use crate::generation::detokenizer::DecodeIds;
 
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Arc<Tokenizer>,
     special_ids: Arc<HashSet<u32>>,
+    /// Each token's bytes, for a byte-level vocabulary: streaming decodes through it.
+    byte_table: Option<Arc<ByteLevelTable>>,
 }
 
 impl TextTokenizer {
@@ -35,6 +39,7 @@ impl TextTokenizer {
             .map(|(id, _)| *id)
             .collect();
         Self {
+            byte_table: ByteLevelTable::build(&inner).map(Arc::new),
             inner: Arc::new(inner),
             special_ids: Arc::new(special_ids),
         }
@@ -42,6 +47,11 @@ impl TextTokenizer {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.inner
+    }
+
+    /// Streamed text is decoded through the byte table when there is one.
+    pub fn has_byte_table(&self) -> bool {
+        self.byte_table.is_some()
     }
 
     pub fn is_special(&self, id: u32) -> bool {
@@ -100,5 +110,14 @@ impl TextTokenizer {
         })
         .await
         .map_err(|e| RouterError::Tokenizer(format!("tokenizer task failed: {e}")))?
+    }
+}
+
+impl DecodeIds for TextTokenizer {
+    fn decode_ids(&self, ids: &[u32]) -> String {
+        match &self.byte_table {
+            Some(table) => table.decode(ids),
+            None => self.inner.decode_ids(ids),
+        }
     }
 }
