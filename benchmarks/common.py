@@ -107,7 +107,7 @@ def start_tensorgate(
     wait_http(url, proc, log=log)
     pids = {}
     for pid, cmd in children(proc.pid).items():
-        if "-m tensorgate.router" in cmd:
+        if "-m tensorgate.router" in cmd or "tensorgate-router" in cmd:
             pids["router"] = pid
         elif "tensorgate.executor" in cmd:
             pids["executor"] = pid

@@ -17,6 +17,7 @@ import asyncio
 import json
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,8 +152,9 @@ async def engine_direct(
 PROBE = Path(__file__).resolve().parent.parent / "target" / "release" / "sse-probe"
 
 
-def run_probe(args, url: str, c: int, total: int, rate: float | None) -> dict:
-    """One sse-probe run (built on first use with `cargo build --release -p sse-probe`)."""
+def run_probe(args, url: str, c: int, total: int, rate: float | None, route: str) -> dict:
+    """One sse-probe run (built on first use with `cargo build --release -p sse-probe`) on
+    `route`: chat (/v1/chat/completions) or generate (TGI's /generate_stream)."""
     if not PROBE.exists():
         subprocess.run(
             ["cargo", "build", "--release", "-p", "sse-probe"],
@@ -167,6 +169,8 @@ def run_probe(args, url: str, c: int, total: int, rate: float | None) -> dict:
             str(PROBE),
             "--url",
             url,
+            "--route",
+            route,
             "--model",
             "synthetic",
             "--requests",
@@ -185,6 +189,9 @@ def run_probe(args, url: str, c: int, total: int, rate: float | None) -> dict:
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.stdout)
+    # Every token the server streamed during the run, the unmeasured warm-up included: the
+    # denominator of the router's CPU per token.
+    result["streamed_tokens"] = result["output_tokens"] + min(c, 32) * args.output_tokens
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result["client_cpu_cores"] = used / (time.monotonic() - t0)
     return result
@@ -215,7 +222,30 @@ def main() -> int:
         "C in flight on average (C / (output tokens x iteration time)), for the engine-alone "
         "client and the load generator alike",
     )
+    ap.add_argument(
+        "--routes",
+        default="chat",
+        help="with --loadgen probe: comma-separated streaming routes, each run at every level: "
+        "chat (/v1/chat/completions), generate (TGI's /generate_stream)",
+    )
+    ap.add_argument(
+        "--no-engine-alone",
+        action="store_true",
+        help="skip the engine-alone measurement (router CPU runs: halves the time per level)",
+    )
+    ap.add_argument(
+        "--perf-record",
+        type=Path,
+        help="record the router with `perf record -g` during each level into this folder "
+        "(perf-<route>-c<C>.data); run the router from a build with symbols "
+        "(TENSORGATE_ROUTER_BINARY, see docs/benchmarks.md)",
+    )
     args = ap.parse_args()
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if any(r not in ("chat", "generate") for r in routes) or not routes:
+        ap.error("--routes takes chat and/or generate")
+    if routes != ["chat"] and args.loadgen != "probe":
+        ap.error("--routes other than chat needs --loadgen probe")
     if args.arrival == "poisson" and args.loadgen == "builtin":
         ap.error("--arrival poisson needs --loadgen aiperf or probe")
 
@@ -254,86 +284,136 @@ def main() -> int:
             rate = None
             if args.arrival == "poisson":
                 rate = c / (args.output_tokens * args.iteration_ms / 1000)
-            direct = asyncio.run(
-                engine_direct(socket, c, total, args.input_tokens, args.output_tokens, rate)
-            )
-            cpu0 = {k: cpu_seconds(p) for k, p in served.pids.items()}
-            t0 = time.monotonic()
-            if args.loadgen == "probe":
-                stack = run_probe(args, served.url, c, total, rate)
-            elif args.loadgen == "builtin":
-                from loadgen import run_chat_load
-
-                stack = asyncio.run(
-                    run_chat_load(
-                        served.url, "synthetic", c, total, args.input_tokens, args.output_tokens
-                    )
+            direct = None
+            if not args.no_engine_alone:
+                direct = asyncio.run(
+                    engine_direct(socket, c, total, args.input_tokens, args.output_tokens, rate)
                 )
-            else:
-                summary = run_aiperf(
-                    served.url,
-                    model="synthetic",
-                    tokenizer=args.tokenizer,
-                    # Open loop: a cap well above the mean, so arrivals are not held back.
-                    concurrency=c if rate is None else 2 * c,
-                    requests_count=total,
-                    input_tokens=args.input_tokens,
-                    output_tokens=args.output_tokens,
-                    artifacts=work / f"aiperf-c{c}",
-                    extra=(
-                        []
-                        if rate is None
-                        else ["--request-rate", f"{rate:.3f}", "--arrival-pattern", "poisson"]
-                    ),
-                )
-                stack = {
-                    "req_s": metric(summary, "request_throughput", "avg"),
-                    "output_tok_s": metric(summary, "output_token_throughput", "avg"),
-                    "ttft_p50_ms": metric(summary, "time_to_first_token", "p50"),
-                    "ttft_p99_ms": metric(summary, "time_to_first_token", "p99"),
-                    "itl_p50_ms": metric(summary, "inter_token_latency", "p50"),
-                    "itl_p99_ms": metric(summary, "inter_token_latency", "p99"),
-                }
-            wall = time.monotonic() - t0
-            cpu = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in served.pids.items()}
-            row = {
-                "concurrency": c,
-                "requests": total,
-                "loadgen": args.loadgen,
-                "arrival": args.arrival,
-                "rate": rate,
-                "stack": stack,
-                "engine": direct,
-                "cpu_cores": cpu,
-            }
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            for route in routes:
+                rows.append(run_level(args, served, c, total, rate, route, direct))
     finally:
         served.stop()
     write_results(args, rows)
+    print_table(rows)
+    print(f"\naiperf artifacts and server log in {work}", file=sys.stderr)
+    return 0
+
+
+def run_level(args, served, c: int, total: int, rate: float | None, route: str, direct) -> dict:
+    """One load level on one route, with the server's CPU over it (and a perf profile of
+    the router when asked)."""
+    work = Path(tempfile.mkdtemp(prefix="tg-level-"))
+    perf = None
+    if args.perf_record is not None:
+        args.perf_record.mkdir(parents=True, exist_ok=True)
+        perf = subprocess.Popen(
+            [
+                "perf",
+                "record",
+                # A timer, not hardware counters (virtual machines often have none).
+                "-e",
+                "cpu-clock",
+                "-F",
+                "499",
+                "-g",
+                "-p",
+                str(served.pids["router"]),
+                "-o",
+                str(args.perf_record / f"perf-{route}-c{c}.data"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        cpu0 = {k: cpu_seconds(p) for k, p in served.pids.items()}
+        t0 = time.monotonic()
+        if args.loadgen == "probe":
+            stack = run_probe(args, served.url, c, total, rate, route)
+        elif args.loadgen == "builtin":
+            from loadgen import run_chat_load
+
+            stack = asyncio.run(
+                run_chat_load(
+                    served.url, "synthetic", c, total, args.input_tokens, args.output_tokens
+                )
+            )
+        else:
+            summary = run_aiperf(
+                served.url,
+                model="synthetic",
+                tokenizer=args.tokenizer,
+                # Open loop: a cap well above the mean, so arrivals are not held back.
+                concurrency=c if rate is None else 2 * c,
+                requests_count=total,
+                input_tokens=args.input_tokens,
+                output_tokens=args.output_tokens,
+                artifacts=work / f"aiperf-c{c}",
+                extra=(
+                    []
+                    if rate is None
+                    else ["--request-rate", f"{rate:.3f}", "--arrival-pattern", "poisson"]
+                ),
+            )
+            stack = {
+                "req_s": metric(summary, "request_throughput", "avg"),
+                "output_tok_s": metric(summary, "output_token_throughput", "avg"),
+                "ttft_p50_ms": metric(summary, "time_to_first_token", "p50"),
+                "ttft_p99_ms": metric(summary, "time_to_first_token", "p99"),
+                "itl_p50_ms": metric(summary, "inter_token_latency", "p50"),
+                "itl_p99_ms": metric(summary, "inter_token_latency", "p99"),
+            }
+        wall = time.monotonic() - t0
+        used = {k: cpu_seconds(p) - cpu0[k] for k, p in served.pids.items()}
+    finally:
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=120)
+    streamed = stack.get("streamed_tokens")
+    row = {
+        "concurrency": c,
+        "route": route,
+        "requests": total,
+        "loadgen": args.loadgen,
+        "arrival": args.arrival,
+        "rate": rate,
+        "stack": stack,
+        "engine": direct,
+        "cpu_cores": {k: v / wall for k, v in used.items()},
+        # CPU of the router process per token it streamed: the figure issue 17 tracks.
+        "router_us_per_token": (used["router"] / streamed * 1e6 if streamed else None),
+    }
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
     print(
-        "| concurrency | in flight (engine alone) | req/s | output tok/s "
+        "| C | route | in flight (engine alone) | req/s | output tok/s "
         "| TTFT p50 / p99 ms (engine alone) | ITL p50 / p99 ms (engine alone) "
-        "| router CPU | executor CPU |"
+        "| router CPU (cores) | router µs / token | executor CPU |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def alone(e: dict | None, key: str, fmt: str) -> str:
+        return f" ({format(e[key], fmt)})" if e else ""
+
     # aiperf's ITL is per request ((last - first token) / (tokens - 1)); the probe and the
     # builtin client time every event, and the probe reports both.
     for r in rows:
         s, e, cpu = r["stack"], r["engine"], r["cpu_cores"]
         flight = s.get("mean_in_flight")
         flight = f"{flight:.0f}" if flight is not None else "n/a"
+        per_token = r.get("router_us_per_token")
+        per_token = f"{per_token:.1f}" if per_token is not None else "n/a"
+        e_ttft = f" ({e['ttft_p50_ms']:.1f} / {e['ttft_p99_ms']:.1f})" if e else ""
+        e_itl = f" ({e['itl_p50_ms']:.2f} / {e['itl_p99_ms']:.2f})" if e else ""
         print(
-            f"| {r['concurrency']} | {flight} ({e['mean_in_flight']:.0f}) "
+            f"| {r['concurrency']} | {r['route']} | {flight}{alone(e, 'mean_in_flight', '.0f')} "
             f"| {s['req_s']:.1f} | {s['output_tok_s']:.0f} "
-            f"| {s['ttft_p50_ms']:.1f} / {s['ttft_p99_ms']:.1f} "
-            f"({e['ttft_p50_ms']:.1f} / {e['ttft_p99_ms']:.1f}) "
-            f"| {s['itl_p50_ms']:.2f} / {s['itl_p99_ms']:.2f} "
-            f"({e['itl_p50_ms']:.2f} / {e['itl_p99_ms']:.2f}) "
-            f"| {cpu.get('router', 0):.2f} | {cpu.get('executor', 0):.2f} |"
+            f"| {s['ttft_p50_ms']:.1f} / {s['ttft_p99_ms']:.1f}{e_ttft} "
+            f"| {s['itl_p50_ms']:.2f} / {s['itl_p99_ms']:.2f}{e_itl} "
+            f"| {cpu.get('router', 0):.2f} | {per_token} | {cpu.get('executor', 0):.2f} |"
         )
-    print(f"\naiperf artifacts and server log in {work}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from tensorgate.launcher.backoff import RestartBackoff
 from tensorgate.launcher.processes import Child
 from tensorgate.launcher.supervisor import POLL_S, LaunchError, LaunchPlan, Supervisor
 
+# The real one, before the autouse fixture below replaces it for the supervisor's tests.
+REAL_ROUTER_ARGV = sup_module.router_argv
+
 pytestmark = pytest.mark.timeout(60)
 
 NEVER = float("inf")
@@ -349,3 +352,15 @@ def test_the_executor_does_not_inherit_the_api_key(monkeypatch):
     env = executor_env(None)
     assert "TENSORGATE_API_KEY" not in env and env["KEEP_ME"] == "1"
     assert executor_env({"TENSORGATE_API_KEY": "x", "A": "b"}) == {"A": "b"}
+
+
+def test_router_binary_from_the_environment_replaces_the_module(monkeypatch, tmp_path):
+    """TENSORGATE_ROUTER_BINARY runs another router build (one with symbols, for perf)."""
+    binary = tmp_path / "tensorgate-router"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("TENSORGATE_ROUTER_BINARY", str(binary))
+    assert REAL_ROUTER_ARGV(["--port", "1"]) == [str(binary), "--port", "1"]
+    binary.chmod(0o644)
+    with pytest.raises(LaunchError, match="not an executable"):
+        REAL_ROUTER_ARGV([])

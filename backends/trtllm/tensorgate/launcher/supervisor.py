@@ -47,7 +47,14 @@ def default_socket_path() -> tuple[Path, Path]:
 
 
 def router_argv(args: list[str]) -> list[str]:
-    """The Rust router, run from the compiled module that `pip install` built."""
+    """The Rust router, run from the compiled module that `pip install` built, or the
+    standalone binary named by TENSORGATE_ROUTER_BINARY (a build with symbols, for profiling:
+    the module in the wheel is stripped)."""
+    binary = os.environ.get("TENSORGATE_ROUTER_BINARY")
+    if binary:
+        if not os.access(binary, os.X_OK):
+            raise LaunchError(f"TENSORGATE_ROUTER_BINARY={binary} is not an executable file")
+        return [binary, *args]
     try:
         import tensorgate._router  # noqa: F401
     except ImportError as e:
