@@ -242,6 +242,8 @@ class RolloutControl:
                 self._offload()
             if KV_CACHE in new:
                 self._stop_manager()
+                if self.engine.kv_ledger is not None:
+                    self.engine.kv_ledger.cleared()  # the paged cache is gone with its blocks
         except BaseException:
             # Back to serving as before: weights already moved out come back first.
             if MODEL in new and self._offloaded is not None:
@@ -484,6 +486,8 @@ class RolloutControl:
                 unshared += len(lg.block_to_hash)
                 lg.hash_to_block.clear()
                 lg.block_to_hash.clear()
+            if self.engine.kv_ledger is not None:
+                self.engine.kv_ledger.cleared()
         return ControlResult(
             message=f"prefix cache flushed: {cached} cached block(s) dropped, {unshared} "
             "block(s) of live requests no longer shared"

@@ -46,6 +46,11 @@ from tensorgate.executor.engines.cb_sampling import (
 from tensorgate.executor.engines.guided_decoding import GrammarBackend, GrammarError
 from tensorgate.executor.engines.prompt_logprobs import PromptLogprobs, PromptScorer
 from tensorgate.executor.engines.transformers_control import RolloutControl
+from tensorgate.executor.engines.transformers_kv_events import (
+    LedgerEvents,
+    transformers_hashes_match,
+)
+from tensorgate.executor.kv_events import KvEventLog
 from tensorgate.executor.live_requests import LiveRequests
 from tensorgate.executor.settings import DEFAULT_BLOCK_SIZE, EngineConfig
 from tensorgate.v1 import executor_pb2 as pb
@@ -98,6 +103,8 @@ class TransformersSettings:
     max_num_tokens: int | None = None
     kv_cache_blocks: int | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
+    # Prefix sharing (transformers' allow_block_sharing) and the KV-cache events it makes.
+    prefix_sharing: bool = True
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -223,7 +230,17 @@ class TransformersEngine(Engine):
             use_cuda_graph=False,
             use_async_batching=False,
             seed=0,
+            allow_block_sharing=s.prefix_sharing,
         )
+        # KV-cache events of the blocks the cache shares (transformers_kv_events), when it
+        # shares any and hashes them as the contract does.
+        self.kv_ledger: LedgerEvents | None = None
+        if s.prefix_sharing:
+            mismatch = transformers_hashes_match()
+            if mismatch is None:
+                self.kv_ledger = LedgerEvents(s.block_size, KvEventLog())
+            else:
+                log.warning("KV-cache events off: %s", mismatch)
         self.book = LogprobBook()
         # ~1 s for a 50k vocabulary; None (guided decoding off) when the checkpoint has no
         # tokenizer llguidance can read.
@@ -268,6 +285,10 @@ class TransformersEngine(Engine):
         cache = self.manager.batch_processor.cache
         # The cache rounds up to whole sectors: report what was really allocated.
         self.num_blocks = int(cache.num_blocks)
+        if self.kv_ledger is not None and self.kv_ledger.ledger_hashes(cache) is None:
+            # transformers shares prefixes only when every layer attends fully.
+            log.info("KV-cache events off: this model's paged cache shares no prefix")
+            self.kv_ledger = None
 
     def _start_manager(self) -> None:
         """Starts the CB loop now, so a cache that cannot be allocated fails the load (a clear
@@ -300,6 +321,7 @@ class TransformersEngine(Engine):
                 max_num_tokens=s.max_num_tokens,
                 kv_cache_blocks=s.kv_cache_blocks,
                 block_size=s.block_size,
+                prefix_sharing=s.enable_kv_block_reuse,
             ),
         )
 
@@ -415,6 +437,10 @@ class TransformersEngine(Engine):
             self._emit(batch)
         if not step:
             return
+        if self.kv_ledger is not None:
+            # This thread is the manager's, the only one that changes the cache's ledger.
+            bp = self.manager.batch_processor
+            self.kv_ledger.after_step(bp.cache if bp is not None else None, results)
         with self._lock:
             self.counters.iterations += 1
             if self._last_step is not None:
@@ -535,6 +561,11 @@ class TransformersEngine(Engine):
                 blocks_free=free,
                 block_size=self.block_size,
             )
+
+    def kv_cache_event_batch(self) -> pb.KvCacheEventBatch | None:
+        if self.kv_ledger is None:
+            return None
+        return self.kv_ledger.events.drain()
 
     # -- rollout control (transformers_control.py) -----------------------------------------------
 
