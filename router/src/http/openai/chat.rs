@@ -100,6 +100,14 @@ impl Family for Chat {
         json!({"index": index, "delta": {"content": text}, "logprobs": lp.map(logprobs::chat), "finish_reason": finish})
     }
 
+    fn write_text_choice(&self, out: &mut Vec<u8>, index: u32, text: &str) {
+        out.extend_from_slice(b"{\"index\":");
+        out.extend_from_slice(itoa::Buffer::new().format(index).as_bytes());
+        out.extend_from_slice(b",\"delta\":{\"content\":");
+        choices::write_json_str(out, text);
+        out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}");
+    }
+
     fn prelude(&self, n: u32) -> Vec<Value> {
         let roles: Vec<Value> = (0..n)
             .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
@@ -235,6 +243,25 @@ pub async fn chat_completions(
 
 #[cfg(test)]
 mod tests {
+    use crate::http::openai::choices::tests::{text_chunk_both_ways, TRICKY};
+    use proptest::prelude::*;
+
+    #[test]
+    fn text_chunks_render_as_the_json_tree() {
+        for (i, text) in TRICKY.iter().enumerate() {
+            let (fast, tree) = text_chunk_both_ways(&Chat, i as u32, text);
+            assert_eq!(fast, tree);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_chunk_renders_as_the_json_tree(text in any::<String>(), index in any::<u32>()) {
+            let (fast, tree) = text_chunk_both_ways(&Chat, index, &text);
+            prop_assert_eq!(fast, tree);
+        }
+    }
+
     use super::*;
     use crate::generation::tool_parsers::{ToolCallFormat, ToolCallReader};
 

@@ -37,6 +37,10 @@ pub trait Family: Send + Sync + 'static {
         logprobs: Option<&[TokenLogprob]>,
         finish: Option<&str>,
     ) -> Value;
+    /// A streamed chunk's choice that carries text only (no log probabilities, not the last
+    /// one), written into `out` byte for byte as `chunk_choice` renders it: the chunk of
+    /// nearly every token, so it skips building a JSON tree.
+    fn write_text_choice(&self, out: &mut Vec<u8>, index: u32, text: &str);
     /// Chunks sent before any generated text (chat's role, completions' echo).
     fn prelude(&self, n: u32) -> Vec<Value>;
     /// A streamed chunk that carries tool-call deltas. Only choices read for tool calls
@@ -391,6 +395,48 @@ impl Meta {
     }
 }
 
+/// What every streamed chunk of one answer shares, rendered once: the fields before
+/// `choices` (as `Meta::body` orders them). A chunk is then this head, its choices, and the
+/// fields after.
+struct ChunkTemplate {
+    head: Vec<u8>,
+}
+
+impl ChunkTemplate {
+    fn new(meta: &Meta, object: &str) -> Self {
+        let mut head = Vec::with_capacity(256);
+        head.extend_from_slice(b"{\"id\":");
+        write_json_str(&mut head, &meta.id);
+        head.extend_from_slice(b",\"object\":");
+        write_json_str(&mut head, object);
+        head.extend_from_slice(b",\"created\":");
+        head.extend_from_slice(itoa::Buffer::new().format(meta.created).as_bytes());
+        head.extend_from_slice(b",\"model\":");
+        write_json_str(&mut head, &meta.model);
+        head.extend_from_slice(b",\"system_fingerprint\":");
+        write_json_str(&mut head, &meta.fingerprint);
+        head.extend_from_slice(b",\"choices\":[");
+        Self { head }
+    }
+
+    /// A chunk of one text-only choice without usage: `Meta::body(object, [choice], null)`.
+    fn text_chunk<F: Family>(&self, family: &F, index: u32, text: &str) -> String {
+        let mut out = Vec::with_capacity(self.head.len() + text.len() + 96);
+        out.extend_from_slice(&self.head);
+        family.write_text_choice(&mut out, index, text);
+        out.extend_from_slice(b"],\"usage\":null}");
+        // Only JSON text went in: valid UTF-8 (the lossy path is never taken).
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+}
+
+/// `value` as a JSON string, escaped as serde_json escapes it everywhere else.
+pub fn write_json_str(out: &mut Vec<u8>, value: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, value);
+}
+
 /// The answer to an OpenAI request: the whole JSON body, or the SSE stream when `stream`.
 pub async fn respond<F: Family>(
     family: F,
@@ -416,6 +462,7 @@ pub async fn respond<F: Family>(
     }
     let n = choices.len() as u32;
     let prelude = family.prelude(n);
+    let template = ChunkTemplate::new(&meta, F::CHUNK_OBJECT);
     let events = async_stream::stream! {
         for choices in prelude {
             yield Ok::<_, Infallible>(sse_json(&meta.body(F::CHUNK_OBJECT, choices, Value::Null)));
@@ -425,6 +472,10 @@ pub async fn respond<F: Family>(
         let mut events = Box::pin(choice_stream(choices, &stops));
         while let Some(ev) = events.next().await {
             let chunk = match ev {
+                ChoiceEvent::Delta { index, text, calls, logprobs: None } if calls.is_empty() => {
+                    yield Ok(Event::default().data(template.text_chunk(&family, index, &text)));
+                    continue;
+                }
                 ChoiceEvent::Delta { index, text, calls, logprobs } if calls.is_empty() => {
                     let choice = family.chunk_choice(index, &text, logprobs.as_deref(), None);
                     meta.body(F::CHUNK_OBJECT, json!([choice]), Value::Null)
@@ -474,4 +525,45 @@ fn choice_stream(choices: Vec<Choice>, stops: &[String]) -> impl Stream<Item = C
 
 fn sse_json(value: &Value) -> Event {
     Event::default().data(value.to_string())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Strings whose JSON escaping differs from their text.
+    pub(crate) const TRICKY: &[&str] = &[
+        "",
+        "plain",
+        "quote \" and \\ backslash",
+        "line\nbreak\ttab\r",
+        "\u{0}\u{1f}\u{7f} controls",
+        "ünï 日本 🦀",
+        "</script>",
+        "\u{2028}\u{2029}",
+    ];
+
+    /// The same chunk two ways: the template, and `Meta::body` over `chunk_choice`.
+    pub(crate) fn text_chunk_both_ways<F: Family>(
+        family: &F,
+        index: u32,
+        text: &str,
+    ) -> (String, String) {
+        let meta = Meta {
+            id: "chatcmpl-\"odd\"".into(),
+            created: 1_795_903_572,
+            model: "org/model \"q\" ü".into(),
+            fingerprint: "tensorgate-0.1.0-synthetic".into(),
+            prompt_tokens: 3,
+        };
+        let template = ChunkTemplate::new(&meta, F::CHUNK_OBJECT);
+        let tree = meta
+            .body(
+                F::CHUNK_OBJECT,
+                json!([family.chunk_choice(index, text, None, None)]),
+                Value::Null,
+            )
+            .to_string();
+        (template.text_chunk(family, index, text), tree)
+    }
 }

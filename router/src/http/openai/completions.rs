@@ -43,6 +43,14 @@ impl Family for Completions {
         json!({"index": index, "text": text, "logprobs": lp.map(logprobs::completion), "finish_reason": finish})
     }
 
+    fn write_text_choice(&self, out: &mut Vec<u8>, index: u32, text: &str) {
+        out.extend_from_slice(b"{\"index\":");
+        out.extend_from_slice(itoa::Buffer::new().format(index).as_bytes());
+        out.extend_from_slice(b",\"text\":");
+        choices::write_json_str(out, text);
+        out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}");
+    }
+
     fn prelude(&self, _n: u32) -> Vec<Value> {
         self.echoes
             .iter()
@@ -161,4 +169,28 @@ pub async fn completions(
         include_usage,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::openai::choices::tests::{text_chunk_both_ways, TRICKY};
+    use proptest::prelude::*;
+
+    #[test]
+    fn text_chunks_render_as_the_json_tree() {
+        let family = Completions { echoes: vec![] };
+        for (i, text) in TRICKY.iter().enumerate() {
+            let (fast, tree) = text_chunk_both_ways(&family, i as u32, text);
+            assert_eq!(fast, tree);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_chunk_renders_as_the_json_tree(text in any::<String>(), index in any::<u32>()) {
+            let (fast, tree) = text_chunk_both_ways(&Completions { echoes: vec![] }, index, &text);
+            prop_assert_eq!(fast, tree);
+        }
+    }
 }
