@@ -509,18 +509,29 @@ pub async fn respond<F: Family>(
         .into_response())
 }
 
+/// The events of every choice as they come. One choice (nearly every request) is read
+/// directly: merging a single stream through `select_all` costs a task-set poll per token.
 fn choice_stream(choices: Vec<Choice>, stops: &[String]) -> impl Stream<Item = ChoiceEvent> {
-    stream::select_all(choices.into_iter().map(|c| {
-        Box::pin(stream::unfold(
-            Some(Streaming::new(c, stops)),
-            |c| async move {
-                let mut c = c?;
-                let ev = c.next().await?;
-                let done = matches!(ev, ChoiceEvent::End { .. } | ChoiceEvent::Error(_));
-                Some((ev, if done { None } else { Some(c) }))
-            },
-        ))
-    }))
+    let mut streams: Vec<_> = choices
+        .into_iter()
+        .map(|c| {
+            Box::pin(stream::unfold(
+                Some(Streaming::new(c, stops)),
+                |c| async move {
+                    let mut c = c?;
+                    let ev = c.next().await?;
+                    let done = matches!(ev, ChoiceEvent::End { .. } | ChoiceEvent::Error(_));
+                    Some((ev, if done { None } else { Some(c) }))
+                },
+            ))
+        })
+        .collect();
+    if streams.len() == 1 {
+        if let Some(only) = streams.pop() {
+            return only.left_stream();
+        }
+    }
+    stream::select_all(streams).right_stream()
 }
 
 fn sse_json(value: &Value) -> Event {
