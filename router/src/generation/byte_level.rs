@@ -18,8 +18,11 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::Tokenizer;
 
 pub struct ByteLevelTable {
-    /// Indexed by token id; None for ids the tokenizer does not know (decode skips them).
-    bytes: Vec<Option<Box<[u8]>>>,
+    /// Every token's bytes, back to back, in id order: one allocation, few cache lines.
+    data: Vec<u8>,
+    /// Token `id`'s bytes are `data[ends[id - 1]..ends[id]]` (from 0 for id 0). Ids the
+    /// tokenizer does not know have none, as decode skips them.
+    ends: Vec<u32>,
 }
 
 impl ByteLevelTable {
@@ -35,26 +38,35 @@ impl ByteLevelTable {
             return None;
         }
         let max_id = tokenizer.get_vocab(true).into_values().max()?;
-        let bytes = (0..=max_id)
-            .map(|id| {
-                tokenizer.id_to_token(id).map(|token| {
-                    let mapped: Option<Vec<u8>> =
-                        token.chars().map(|c| char_bytes.get(&c).copied()).collect();
-                    mapped
-                        .unwrap_or_else(|| token.as_bytes().to_vec())
-                        .into_boxed_slice()
-                })
-            })
-            .collect();
-        Some(Self { bytes })
+        let mut data = Vec::new();
+        let mut ends = Vec::with_capacity(max_id as usize + 1);
+        for id in 0..=max_id {
+            if let Some(token) = tokenizer.id_to_token(id) {
+                let mapped: Option<Vec<u8>> =
+                    token.chars().map(|c| char_bytes.get(&c).copied()).collect();
+                match mapped {
+                    Some(bytes) => data.extend_from_slice(&bytes),
+                    None => data.extend_from_slice(token.as_bytes()),
+                }
+            }
+            ends.push(u32::try_from(data.len()).ok()?);
+        }
+        Some(Self { data, ends })
+    }
+
+    fn bytes(&self, id: u32) -> &[u8] {
+        let id = id as usize;
+        let (Some(&end), start) = (self.ends.get(id), id.checked_sub(1)) else {
+            return &[];
+        };
+        let start = start.map_or(0, |s| self.ends[s]);
+        &self.data[start as usize..end as usize]
     }
 
     /// Appends the bytes of `ids` to `out` (unknown ids add nothing).
     pub fn extend(&self, ids: &[u32], out: &mut Vec<u8>) {
         for &id in ids {
-            if let Some(Some(b)) = self.bytes.get(id as usize) {
-                out.extend_from_slice(b);
-            }
+            out.extend_from_slice(self.bytes(id));
         }
     }
 
@@ -65,6 +77,25 @@ impl ByteLevelTable {
         match String::from_utf8(buf) {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }
+    }
+
+    /// What `ids[split..]` adds to the text of `ids[..split]`, as `DecodeIds::new_text`
+    /// defines it, from one pass over the bytes: when both windows are valid UTF-8 (nearly
+    /// always), the new text is the new bytes.
+    pub fn new_text(&self, ids: &[u32], split: usize) -> Option<String> {
+        let mut buf = Vec::with_capacity(32);
+        self.extend(&ids[..split], &mut buf);
+        let p = buf.len();
+        self.extend(&ids[split..], &mut buf);
+        match (std::str::from_utf8(&buf[..p]), std::str::from_utf8(&buf)) {
+            (Ok(_), Ok(full)) => {
+                (full.len() > p && !full.ends_with('\u{FFFD}')).then(|| full[p..].to_string())
+            }
+            _ => crate::generation::detokenizer::compare(
+                &String::from_utf8_lossy(&buf[..p]),
+                &String::from_utf8_lossy(&buf),
+            ),
         }
     }
 }
@@ -92,6 +123,7 @@ fn char_to_byte() -> HashMap<char, u8> {
 mod tests {
     use super::*;
     use crate::generation::detokenizer::tests::{byte_fallback_tokenizer, byte_level_tokenizer};
+    use crate::generation::detokenizer::DecodeIds;
     use proptest::prelude::*;
 
     /// A byte-level vocabulary with multi-byte merges and added tokens, special and not.
@@ -136,6 +168,18 @@ mod tests {
             let tok = merged_tokenizer();
             let table = ByteLevelTable::build(&tok).expect("byte-level");
             prop_assert_eq!(table.decode(&ids), tok.decode(&ids, false).expect("decode"));
+        }
+
+        /// The one-pass rule over a window split anywhere equals two decodes compared.
+        #[test]
+        fn new_text_is_the_two_decode_rule(
+            ids in proptest::collection::vec(0u32..262, 1..24),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let tok = merged_tokenizer();
+            let table = ByteLevelTable::build(&tok).expect("byte-level");
+            let split = cut.index(ids.len());
+            prop_assert_eq!(table.new_text(&ids, split), DecodeIds::new_text(&tok, &ids, split));
         }
     }
 }

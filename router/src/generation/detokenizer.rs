@@ -14,6 +14,12 @@ const CONTEXT_TOKENS: usize = 5;
 /// (invalid UTF-8 replaced by U+FFFD, unknown ids skipped).
 pub trait DecodeIds {
     fn decode_ids(&self, ids: &[u32]) -> String;
+
+    /// The text that `ids[split..]` adds to the text of `ids[..split]`, or None while the
+    /// whole ends inside a character (or adds nothing).
+    fn new_text(&self, ids: &[u32], split: usize) -> Option<String> {
+        compare(&self.decode_ids(&ids[..split]), &self.decode_ids(ids))
+    }
 }
 
 impl DecodeIds for Tokenizer {
@@ -26,6 +32,15 @@ impl DecodeIds for ByteLevelTable {
     fn decode_ids(&self, ids: &[u32]) -> String {
         self.decode(ids)
     }
+
+    fn new_text(&self, ids: &[u32], split: usize) -> Option<String> {
+        ByteLevelTable::new_text(self, ids, split)
+    }
+}
+
+/// The rule of `DecodeIds::new_text` over two decoded windows.
+pub(crate) fn compare(prefix: &str, full: &str) -> Option<String> {
+    (full.len() > prefix.len() && !full.ends_with('\u{FFFD}')).then(|| new_text(prefix, full))
 }
 
 pub struct IncrementalDecoder {
@@ -49,10 +64,8 @@ impl IncrementalDecoder {
     /// Adds one token and returns the text it completes ("" while a character is unfinished).
     pub fn push<D: DecodeIds + ?Sized>(&mut self, decoder: &D, id: u32) -> String {
         self.ids.push(id);
-        let prefix = decoder.decode_ids(&self.ids[self.prefix_offset..self.read_offset]);
-        let full = decoder.decode_ids(&self.ids[self.prefix_offset..]);
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            let text = new_text(&prefix, &full);
+        let window = &self.ids[self.prefix_offset..];
+        if let Some(text) = decoder.new_text(window, self.read_offset - self.prefix_offset) {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             // Bound the window: keep only what the next decode needs.

@@ -120,4 +120,11 @@ impl DecodeIds for TextTokenizer {
             None => self.inner.decode_ids(ids),
         }
     }
+
+    fn new_text(&self, ids: &[u32], split: usize) -> Option<String> {
+        match &self.byte_table {
+            Some(table) => table.new_text(ids, split),
+            None => self.inner.new_text(ids, split),
+        }
+    }
 }
