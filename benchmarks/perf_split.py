@@ -19,15 +19,16 @@ import sys
 from pathlib import Path
 
 # (category, pattern over the stack's frames joined leaf-first by ";"). First match wins, so
-# the allocator is charged for malloc/free whoever called them, and a socket write inside a
-# stream's poll counts as a socket write.
+# the allocator (glibc's malloc, or mimalloc's mi_* since the router uses it) is charged for
+# every allocation whoever made it, and a socket write inside a stream's poll counts as a
+# socket write.
 CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     (
         "allocator (malloc/free)",
         re.compile(
             r"^(_int_malloc|_int_free|malloc|cfree|free|__libc_|"
             r"realloc|_int_realloc|malloc_consolidate|"
-            r"unlink_chunk|tcache_)"
+            r"unlink_chunk|tcache_|_?mi_)"
         ),
     ),
     # On loopback the receiver's TCP work (queueing the data, waking the reader) runs in the
