@@ -266,6 +266,11 @@ def main() -> int:
             args.tokenizer,
             "--iteration-ms",
             str(args.iteration_ms),
+            # A fixed cadence: no modelled prefill (the synthetic engine's prefix-cache model
+            # lengthens the iteration a request joins), so the stack is what varies.
+            "--synthetic-prefill-us-per-token",
+            "0",
+            "--no-enable-kv-block-reuse",
             # Poisson arrivals overshoot the mean: room for bursts, or they would queue in
             # the engine (or get 429) and the measurement would be of queueing, not the stack.
             "--max-batch-size",
@@ -376,6 +381,7 @@ def run_level(args, served, c: int, total: int, rate: float | None, route: str, 
         "loadgen": args.loadgen,
         "arrival": args.arrival,
         "rate": rate,
+        "output_tokens": args.output_tokens,
         "stack": stack,
         "engine": direct,
         "cpu_cores": {k: v / wall for k, v in used.items()},
@@ -388,11 +394,16 @@ def run_level(args, served, c: int, total: int, rate: float | None, route: str, 
 
 def print_table(rows: list[dict]) -> None:
     print(
-        "| C | route | in flight (engine alone) | req/s | output tok/s "
+        "| C | route | in flight (engine alone) | req/s | output tok/s (offered) "
         "| TTFT p50 / p99 ms (engine alone) | ITL p50 / p99 ms (engine alone) "
         "| router CPU (cores) | router µs / token | executor CPU |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def offered(r: dict) -> str:
+        # Open loop: the arrival rate times the tokens each request streams.
+        rate = r.get("rate")
+        return f" ({rate * r['output_tokens']:.0f})" if rate else ""
 
     def alone(e: dict | None, key: str, fmt: str) -> str:
         return f" ({format(e[key], fmt)})" if e else ""
@@ -409,7 +420,7 @@ def print_table(rows: list[dict]) -> None:
         e_itl = f" ({e['itl_p50_ms']:.2f} / {e['itl_p99_ms']:.2f})" if e else ""
         print(
             f"| {r['concurrency']} | {r['route']} | {flight}{alone(e, 'mean_in_flight', '.0f')} "
-            f"| {s['req_s']:.1f} | {s['output_tok_s']:.0f} "
+            f"| {s['req_s']:.1f} | {s['output_tok_s']:.0f}{offered(r)} "
             f"| {s['ttft_p50_ms']:.1f} / {s['ttft_p99_ms']:.1f}{e_ttft} "
             f"| {s['itl_p50_ms']:.2f} / {s['itl_p99_ms']:.2f}{e_itl} "
             f"| {cpu.get('router', 0):.2f} | {per_token} | {cpu.get('executor', 0):.2f} |"
