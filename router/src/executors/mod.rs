@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod control;
+pub mod routing;
 pub mod scheduler;
 #[cfg(test)]
 pub mod testing;
