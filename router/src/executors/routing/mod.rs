@@ -4,4 +4,18 @@
 //! Not yet wired into the request path: the pool that owns the workers' `Stats` and event
 //! streams fills `WorkerView`s, feeds `KvIndex` and asks a `RoutingPolicy`.
 
+use std::fmt;
+
 pub mod block_hash;
+pub mod kv_index;
+
+/// A worker of the pool, named by a small number the pool hands out (stable while the worker
+/// is a member; a worker that rejoins may get a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub u32);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker {}", self.0)
+    }
+}
