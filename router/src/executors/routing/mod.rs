@@ -7,7 +7,11 @@
 use std::fmt;
 
 pub mod block_hash;
+pub mod kv_aware;
 pub mod kv_index;
+pub mod least_load;
+pub mod policy;
+pub mod round_robin;
 
 /// A worker of the pool, named by a small number the pool hands out (stable while the worker
 /// is a member; a worker that rejoins may get a new one).
