@@ -54,6 +54,10 @@ impl RoutingPolicy for KvAware {
 
     fn pick(&self, workers: &[WorkerView], prompt: &mut Prompt<'_>) -> Option<WorkerId> {
         let mut scored: Vec<(WorkerId, f64)> = Vec::with_capacity(workers.len());
+        // Hash before taking the lock, so that event writers never wait on it.
+        for worker in workers.iter().filter(|w| w.healthy && w.block_size > 0) {
+            prompt.block_hashes(worker.block_size);
+        }
         {
             // A writer that panicked left a usable index (each event is applied whole or the
             // worker is dropped), so a poisoned lock is read through.
