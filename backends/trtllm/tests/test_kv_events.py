@@ -41,11 +41,14 @@ def test_trtllm_events_become_the_contract():
             {"event_id": 4, "data": {"type": "updated", "block_hash": 11}},
         ]
     )
-    assert [e.event_id for e in batch.events] == [2, 3]  # bookkeeping events are not routable
-    stored = batch.events[0].stored
+    # Bookkeeping events (created, updated) carry nothing routable but keep their ids, so
+    # the ids stay contiguous: a router reads a gap as lost events.
+    assert [e.event_id for e in batch.events] == [1, 2, 3, 4]
+    assert [e.WhichOneof("kind") for e in batch.events] == [None, "stored", "removed", None]
+    stored = batch.events[1].stored
     assert stored.parent_hash == (1 << 64) - 5  # size_t bits
     assert [(b.block_hash, list(b.token_ids)) for b in stored.blocks] == [(11, [1, 2])]
-    assert list(batch.events[1].removed.block_hashes) == [11, 12]
+    assert list(batch.events[2].removed.block_hashes) == [11, 12]
     root = batch_from_trtllm([{"event_id": 9, "data": {"type": "stored", "parent_hash": None}}])
     assert not root.events[0].stored.HasField("parent_hash")
 

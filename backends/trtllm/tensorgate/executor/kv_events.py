@@ -51,6 +51,11 @@ def batch_from_trtllm(events: Iterable[dict]) -> pb.KvCacheEventBatch:
             ev.removed.block_hashes.extend(_hash(h) for h in data.get("block_hashes") or [])
         elif kind == "cleared":
             batch.events.add(event_id=int(e.get("event_id", 0)), all_cleared=True)
+        else:
+            # "created" / "updated" (and any later kind) change nothing a router indexes, but
+            # they take an id (kvCacheEventManager.cpp: mEventId++ for every kind): sent with
+            # no kind, so the ids stay contiguous and a real loss still shows as a gap.
+            batch.events.add(event_id=int(e.get("event_id", 0)))
     return batch
 
 
