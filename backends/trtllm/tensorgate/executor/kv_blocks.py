@@ -13,7 +13,8 @@ truncated BLAKE2b-512; no key, salt or personalization) over these bytes:
     each token id as 4 bytes, unsigned little-endian, in order
 
 and the 8-byte digest read as an unsigned little-endian 64-bit integer. In Rust:
-`blake2::Blake2b<U8>` (router/src/executors/routing/block_hash.rs), `u64::from_le_bytes`. Test vectors (block_size 4):
+`blake2::Blake2b<U8>` (router/src/executors/routing/block_hash.rs), `u64::from_le_bytes`.
+Test vectors (block_size 4):
 H(None, [1, 2, 3, 4]) and H(that, [5, 6, 7, 8]) are in docs/architecture.md.
 
 It is the layout of transformers' own `compute_block_hash` (continuous batching, 5.18 to at least
