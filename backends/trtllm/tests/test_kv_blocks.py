@@ -96,6 +96,22 @@ def test_event_ids_increase_and_a_full_buffer_leaves_a_gap():
     assert ev.event_id == 6 and ev.all_cleared
 
 
+def test_an_unread_log_keeps_nothing_and_a_reader_gets_the_next_ids():
+    """No stream draining for KV_EVENTS_UNREAD_S: events take ids but are not kept (memory
+    stays flat with no router subscribed); a reader that comes back gets what follows."""
+    now = [0.0]
+    log = KvEventLog(unread_s=10.0, clock=lambda: now[0])
+    log.removed([1])  # read from creation: kept
+    now[0] = 10.5
+    for i in range(1000):
+        log.removed([i])
+    assert log.unread == 1000
+    assert not log.drain().events  # the drain cleared the old one too: nothing stale is served
+    log.removed([7])
+    (ev,) = log.drain().events
+    assert ev.event_id == 1002 and list(ev.removed.block_hashes) == [7]
+
+
 # -- the LRU model -------------------------------------------------------------------------------
 
 
