@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 # (category, pattern over the stack's frames joined leaf-first by ";"). First match wins, so
-# the allocator (glibc's malloc, or mimalloc's mi_* since the router uses it) is charged for
+# the allocator (glibc's malloc, or mimalloc's mi_* in a build that uses it) is charged for
 # every allocation whoever made it, and a socket write inside a stream's poll counts as a
 # socket write.
 CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
