@@ -44,73 +44,72 @@ impl ControlRpc {
             .map_err(|e| RouterError::Unavailable(format!("cannot reach the executor: {e}")))
     }
 
+    /// One control RPC on a fresh control connection, its status as a router error.
+    async fn call<F, Fut>(&self, what: &str, rpc: F) -> Result<pb::ControlResponse, RouterError>
+    where
+        F: FnOnce(pb::executor_client::ExecutorClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<pb::ControlResponse>, Status>>,
+    {
+        rpc(self.client().await?)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| status_error(&self.engine, what, &status))
+    }
+
     pub async fn release_memory(
         &self,
         tags: Vec<String>,
     ) -> Result<pb::ControlResponse, RouterError> {
-        let reply = self
-            .client()
-            .await?
-            .release_memory(pb::MemoryRequest { tags })
-            .await;
-        self.answer("release memory", reply)
+        let request = pb::MemoryRequest { tags };
+        self.call("release memory", |mut c| async move {
+            c.release_memory(request).await
+        })
+        .await
     }
 
     pub async fn resume_memory(
         &self,
         tags: Vec<String>,
     ) -> Result<pb::ControlResponse, RouterError> {
-        let reply = self
-            .client()
-            .await?
-            .resume_memory(pb::MemoryRequest { tags })
-            .await;
-        self.answer("resume memory", reply)
+        let request = pb::MemoryRequest { tags };
+        self.call("resume memory", |mut c| async move {
+            c.resume_memory(request).await
+        })
+        .await
     }
 
     pub async fn update_weights(
         &self,
         request: pb::UpdateWeightsRequest,
     ) -> Result<pb::ControlResponse, RouterError> {
-        let reply = self.client().await?.update_weights(request).await;
-        self.answer("update weights", reply)
+        self.call("update weights", |mut c| async move {
+            c.update_weights(request).await
+        })
+        .await
     }
 
     pub async fn flush_cache(&self) -> Result<pb::ControlResponse, RouterError> {
-        let reply = self
-            .client()
-            .await?
-            .flush_cache(pb::FlushCacheRequest {})
-            .await;
-        self.answer("flush its cache", reply)
+        let request = pb::FlushCacheRequest {};
+        self.call("flush its cache", |mut c| async move {
+            c.flush_cache(request).await
+        })
+        .await
     }
 
     pub async fn pause_generation(&self) -> Result<pb::ControlResponse, RouterError> {
-        let reply = self
-            .client()
-            .await?
-            .pause_generation(pb::PauseGenerationRequest {})
-            .await;
-        self.answer("pause generation in place", reply)
+        let request = pb::PauseGenerationRequest {};
+        self.call("pause generation in place", |mut c| async move {
+            c.pause_generation(request).await
+        })
+        .await
     }
 
     pub async fn continue_generation(&self) -> Result<pb::ControlResponse, RouterError> {
-        let reply = self
-            .client()
-            .await?
-            .continue_generation(pb::ContinueGenerationRequest {})
-            .await;
-        self.answer("continue generation", reply)
-    }
-
-    fn answer(
-        &self,
-        what: &str,
-        reply: Result<tonic::Response<pb::ControlResponse>, Status>,
-    ) -> Result<pb::ControlResponse, RouterError> {
-        reply
-            .map(tonic::Response::into_inner)
-            .map_err(|status| status_error(&self.engine, what, &status))
+        let request = pb::ContinueGenerationRequest {};
+        self.call("continue generation", |mut c| async move {
+            c.continue_generation(request).await
+        })
+        .await
     }
 }
 

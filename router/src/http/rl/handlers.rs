@@ -138,11 +138,7 @@ pub async fn release_memory(
     Extension(limit): Extension<RlPayloadLimit>,
     req: Request,
 ) -> Reply {
-    let control = state.infer.control().clone();
-    let body: MemoryRequest = read_json(req, limit.0).await?;
-    let tags = memory_tags(&control, body.tags, "release memory")?;
-    let outcome = detached(async move { control.release_memory(tags).await }).await?;
-    Ok(Json(memory_answer(outcome, "memory released")))
+    memory_route(state, limit, req, true).await
 }
 
 /// `POST /resume_memory` (trtllm-serve's): takes released memory back; generation resumes
@@ -153,11 +149,38 @@ pub async fn resume_memory(
     Extension(limit): Extension<RlPayloadLimit>,
     req: Request,
 ) -> Reply {
+    memory_route(state, limit, req, false).await
+}
+
+/// The two memory routes: the same body and checks, released or resumed.
+async fn memory_route(
+    state: AppState,
+    limit: RlPayloadLimit,
+    req: Request,
+    release: bool,
+) -> Reply {
     let control = state.infer.control().clone();
     let body: MemoryRequest = read_json(req, limit.0).await?;
-    let tags = memory_tags(&control, body.tags, "resume memory")?;
-    let outcome = detached(async move { control.resume_memory(tags).await }).await?;
-    Ok(Json(memory_answer(outcome, "memory resumed")))
+    let what = if release {
+        "release memory"
+    } else {
+        "resume memory"
+    };
+    let tags = memory_tags(&control, body.tags, what)?;
+    let outcome = detached(async move {
+        if release {
+            control.release_memory(tags).await
+        } else {
+            control.resume_memory(tags).await
+        }
+    })
+    .await?;
+    let done = if release {
+        "memory released"
+    } else {
+        "memory resumed"
+    };
+    Ok(Json(memory_answer(outcome, done)))
 }
 
 /// `POST /update_weights` (trtllm-serve's): one bucket of CUDA IPC handles per call, then
