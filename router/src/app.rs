@@ -9,8 +9,9 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{self, Config};
 use crate::errors::StartupError;
-use crate::executors::client::ExecutorHandle;
 use crate::executors::control::ControlRpc;
+use crate::executors::endpoint::Credentials;
+use crate::executors::pool::{ExecutorHandle, PoolConfig};
 use crate::executors::scheduler;
 use crate::generation::{chat_template, control, guided, infer, tokenizer, validation};
 use crate::http::{self, tgi::schemas};
@@ -99,7 +100,22 @@ async fn run(config: Config) -> Result<(), StartupError> {
             template_dir.display()
         )));
     }
-    let executor = ExecutorHandle::spawn(config.executor_socket.clone());
+    let credentials = Credentials::new(
+        config.executor_tls_ca.as_deref(),
+        config.executor_secret.as_deref(),
+        config.executor_tls_domain.clone(),
+    )
+    .map_err(|e| StartupError::Config(e.to_string()))?;
+    let executor = ExecutorHandle::start(PoolConfig {
+        addresses: config.executors(),
+        credentials,
+        routing: config.routing,
+        load_weight: config.routing_load_weight,
+        migration_limit: config.migration_limit,
+        discovery_interval: Duration::from_secs(config.discovery_interval_s),
+        health_interval: Duration::from_millis(config.stats_interval_ms.max(50)),
+    })
+    .map_err(|e| StartupError::Config(e.to_string()))?;
     let info = fetch_info(&executor, Duration::from_secs(120)).await?;
 
     let limits = info.limits.unwrap_or_default();
@@ -151,6 +167,8 @@ async fn run(config: Config) -> Result<(), StartupError> {
                 pause_in_place: c.pause_in_place,
             }
         },
+        routing: executor.routing(),
+        workers: Vec::new(),
     };
     let token_budget = token_budget(config.max_batch_total_tokens, info.kv_capacity_tokens)?;
     let scheduler = scheduler::Scheduler::spawn(
@@ -161,9 +179,11 @@ async fn run(config: Config) -> Result<(), StartupError> {
             max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
         },
     );
-    spawn_stats_poller(
-        executor.clone(),
-        Duration::from_millis(config.stats_interval_ms.max(50)),
+    // Admission is sized by the fleet: each healthy worker adds its budget and batch size.
+    scheduler.follow_pool(
+        executor.healthy_workers(),
+        token_budget,
+        public_info.max_batch_size as usize,
     );
     let grammar = if limits.features.guided_decoding {
         Some(grammar_compiler(&config.tokenizer, &info)?)
@@ -251,26 +271,6 @@ async fn run(config: Config) -> Result<(), StartupError> {
     }
 }
 
-/// Reads the executor's Stats into the metrics (KV usage, batch size).
-fn spawn_stats_poller(executor: ExecutorHandle, every: Duration) {
-    tokio::spawn(async move {
-        let mut client = None;
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if client.is_none() {
-                client = executor.client().await.ok();
-            }
-            let Some(c) = client.as_mut() else { continue };
-            match c.stats(pb::StatsRequest {}).await {
-                Ok(r) => metrics::set_executor_stats(&r.into_inner()),
-                Err(_) => client = None,
-            }
-        }
-    });
-}
-
 fn lower(executor: u32, flag: Option<u32>) -> u32 {
     flag.map_or(executor, |f| f.min(executor))
 }
@@ -317,7 +317,7 @@ async fn fetch_info(
     let start = Instant::now();
     loop {
         let attempt = async {
-            let mut client = executor.client().await.map_err(|e| e.to_string())?;
+            let mut client = executor.client().await?;
             client
                 .info(pb::InfoRequest {})
                 .await

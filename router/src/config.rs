@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::executors::endpoint::ExecutorAddress;
+use crate::executors::routing::policy::RoutingKind;
 use crate::generation::tool_parsers::ToolCallParser;
 
 #[derive(Parser, Debug, Clone)]
@@ -18,9 +20,51 @@ pub struct Config {
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
 
-    /// Unix socket of the executor's gRPC server.
-    #[arg(long, env = "TENSORGATE_EXECUTOR_SOCKET")]
-    pub executor_socket: PathBuf,
+    /// Unix socket of the executor's gRPC server (one executor; the same as
+    /// `--executor unix://PATH`).
+    #[arg(
+        long,
+        env = "TENSORGATE_EXECUTOR_SOCKET",
+        required_unless_present = "executor"
+    )]
+    pub executor_socket: Option<PathBuf>,
+
+    /// An executor of the pool: `unix:///path/to/socket`, or `https://host:port` (TLS and the
+    /// shared secret; a DNS name is re-resolved every --discovery-interval-s and each of its
+    /// addresses is a worker). Repeatable.
+    #[arg(long = "executor", value_name = "URL")]
+    pub executor: Vec<ExecutorAddress>,
+
+    /// PEM file of the CA that signed the https executors' certificates.
+    #[arg(long)]
+    pub executor_tls_ca: Option<PathBuf>,
+
+    /// The name the executors' certificates carry, when it is not the URL's host.
+    #[arg(long)]
+    pub executor_tls_domain: Option<String>,
+
+    /// The secret shared with https executors (sent as `authorization: Bearer …`). By
+    /// environment only, never on a command line.
+    #[arg(skip = std::env::var("TENSORGATE_EXECUTOR_SECRET").ok())]
+    pub executor_secret: Option<String>,
+
+    /// How requests are spread over the executors: kv-aware (the worker that holds most of the
+    /// prompt's prefix, weighed against its load), least-load or round-robin.
+    #[arg(long, value_enum, default_value_t = RoutingKind::KvAware)]
+    pub routing: RoutingKind,
+
+    /// kv-aware: how much a token of a worker's load weighs against a token of prefill.
+    #[arg(long, default_value_t = 1.0)]
+    pub routing_load_weight: f64,
+
+    /// Times a request may move to another executor after losing its own (0: never; such a
+    /// request then ends with an error event).
+    #[arg(long, default_value_t = 3)]
+    pub migration_limit: u32,
+
+    /// How often https executor names are resolved again (workers join and leave).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub discovery_interval_s: u64,
 
     /// Directory holding tokenizer.json (and tokenizer_config.json), or a tokenizer.json file.
     #[arg(long, env = "TENSORGATE_TOKENIZER")]
@@ -128,6 +172,15 @@ pub struct RlControl {
 }
 
 impl Config {
+    /// The executors: every --executor, then --executor-socket.
+    pub fn executors(&self) -> Vec<ExecutorAddress> {
+        let mut all = self.executor.clone();
+        if let Some(socket) = &self.executor_socket {
+            all.push(ExecutorAddress::Unix(socket.clone()));
+        }
+        all
+    }
+
     /// None when the control routes are off; an error naming the flag when they are on
     /// without a usable key.
     pub fn rl_control(&self) -> Result<Option<RlControl>, String> {

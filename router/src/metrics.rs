@@ -28,6 +28,12 @@ pub const EXECUTOR_QUEUED: &str = "tensorgate_executor_queued_requests";
 pub const KV_USAGE: &str = "tensorgate_kv_cache_usage_ratio";
 pub const EXECUTOR_ITERATION: &str = "tensorgate_executor_iteration_seconds";
 pub const EXECUTOR_CONNECTED: &str = "tensorgate_executor_connected";
+pub const WORKER_HEALTHY: &str = "tensorgate_worker_healthy";
+pub const WORKER_IN_FLIGHT: &str = "tensorgate_worker_requests_in_flight";
+pub const WORKER_ROUTED: &str = "tensorgate_worker_requests_routed_total";
+pub const WORKER_PROMPT_TOKENS: &str = "tensorgate_worker_prompt_tokens_total";
+pub const WORKER_CACHED_TOKENS: &str = "tensorgate_worker_cached_prompt_tokens_total";
+pub const MIGRATIONS: &str = "tensorgate_migrations_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
@@ -126,7 +132,28 @@ fn describe() {
     );
     describe_gauge!(
         EXECUTOR_CONNECTED,
-        "1 while the router holds a Generate stream to the executor"
+        "1 while the router holds a Generate stream to the executor (per worker)"
+    );
+    describe_gauge!(
+        WORKER_HEALTHY,
+        "1 while the worker is connected and passes its health checks (routed to)"
+    );
+    describe_gauge!(
+        WORKER_IN_FLIGHT,
+        "Requests sent to the worker and not finished"
+    );
+    describe_counter!(
+        WORKER_ROUTED,
+        "Requests the routing policy sent to the worker"
+    );
+    describe_counter!(WORKER_PROMPT_TOKENS, "Prompt tokens sent to the worker");
+    describe_counter!(
+        WORKER_CACHED_TOKENS,
+        "Prompt tokens the worker served from its prefix cache (RequestOutput.cached_tokens)"
+    );
+    describe_counter!(
+        MIGRATIONS,
+        "Requests a lost worker left unfinished, by outcome (moved, refused, no_worker)"
     );
 }
 
@@ -186,19 +213,44 @@ pub fn record_generation_end(
     histogram!(GENERATION_DURATION).record(d.as_secs_f64());
 }
 
-pub fn set_executor_connected(connected: bool) {
-    gauge!(EXECUTOR_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+pub fn set_executor_connected(worker: &str, connected: bool) {
+    gauge!(EXECUTOR_CONNECTED, "worker" => worker.to_string()).set(if connected {
+        1.0
+    } else {
+        0.0
+    });
 }
 
-pub fn set_executor_stats(s: &crate::pb::StatsResponse) {
-    gauge!(EXECUTOR_BATCH).set(f64::from(s.active_requests));
-    gauge!(EXECUTOR_QUEUED).set(f64::from(s.queued_requests));
+pub fn set_worker_healthy(worker: &str, healthy: bool) {
+    gauge!(WORKER_HEALTHY, "worker" => worker.to_string()).set(if healthy { 1.0 } else { 0.0 });
+}
+
+/// The pool's own counts of a worker (absolute: counters are set, not incremented, from the
+/// atomics the request path keeps, so that no label lookup happens per request).
+pub fn set_worker_load(worker: &str, in_flight: u32, prompt_tokens: u64, cached_tokens: u64) {
+    gauge!(WORKER_IN_FLIGHT, "worker" => worker.to_string()).set(f64::from(in_flight));
+    counter!(WORKER_PROMPT_TOKENS, "worker" => worker.to_string()).absolute(prompt_tokens);
+    counter!(WORKER_CACHED_TOKENS, "worker" => worker.to_string()).absolute(cached_tokens);
+}
+
+pub fn record_routed(worker: &str, n: usize) {
+    counter!(WORKER_ROUTED, "worker" => worker.to_string()).increment(n as u64);
+}
+
+pub fn record_migration(outcome: &'static str) {
+    counter!(MIGRATIONS, "outcome" => outcome).increment(1);
+}
+
+pub fn set_executor_stats(worker: &str, s: &crate::pb::StatsResponse) {
+    let worker = worker.to_string();
+    gauge!(EXECUTOR_BATCH, "worker" => worker.clone()).set(f64::from(s.active_requests));
+    gauge!(EXECUTOR_QUEUED, "worker" => worker.clone()).set(f64::from(s.queued_requests));
     let total = s.kv_blocks_used + s.kv_blocks_free;
     let usage = if total == 0 {
         0.0
     } else {
         s.kv_blocks_used as f64 / total as f64
     };
-    gauge!(KV_USAGE).set(usage);
-    gauge!(EXECUTOR_ITERATION).set(f64::from(s.last_iteration_ms) / 1000.0);
+    gauge!(KV_USAGE, "worker" => worker.clone()).set(usage);
+    gauge!(EXECUTOR_ITERATION, "worker" => worker).set(f64::from(s.last_iteration_ms) / 1000.0);
 }

@@ -1,34 +1,32 @@
-//! The router's side of the gRPC contract: one connection to one executor, one long-lived
-//! Generate stream multiplexing every request, and reconnection when the executor restarts.
+//! The router's side of the gRPC contract with one executor (one worker of the pool): one
+//! long-lived Generate stream multiplexing every request sent to it, reconnection when the
+//! executor restarts, and the hand-back of requests its loss orphans (for migration).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::executors::endpoint::{self, Client, Credentials, Target};
+use crate::executors::routing::WorkerId;
 use crate::pb;
-use crate::pb::executor_client::ExecutorClient;
 
 /// What a request's stream receives.
 #[derive(Debug)]
 pub enum ExecutorEvent {
     Output(pb::RequestOutput),
-    /// The connection broke; the request is lost.
+    /// The connection broke (and the request could not move to another worker); it is lost.
     Disconnected(String),
     /// Ended by rollout control (/abort_request, a pause or update that aborts); it has been
     /// cancelled in the executor.
     Aborted(String),
 }
 
-enum Command {
-    Submit(Vec<(pb::GenerateRequest, mpsc::UnboundedSender<ExecutorEvent>)>),
+pub(crate) enum Command {
+    Submit(Vec<Submission>),
     Cancel(u64),
     /// Ends every live request with this reason (and cancels it in the executor).
     FailAll(String),
@@ -41,40 +39,45 @@ enum Command {
     Live(oneshot::Sender<usize>),
 }
 
-pub type Submitted = (RequestGuard, mpsc::UnboundedReceiver<ExecutorEvent>);
+/// Where a request's cancel goes: the connection of the worker it runs on now (a migration
+/// points it at the next one).
+pub struct CancelTarget(Mutex<mpsc::UnboundedSender<Command>>);
 
-pub async fn connect_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket: PathBuf = socket.to_path_buf();
-    // The URI is required by tonic but unused: the connector dials the unix socket.
-    Endpoint::from_static("http://executor")
-        .connect_timeout(Duration::from_secs(2))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
-}
+impl CancelTarget {
+    pub(crate) fn new(commands: mpsc::UnboundedSender<Command>) -> Arc<Self> {
+        Arc::new(Self(Mutex::new(commands)))
+    }
 
-/// Cheap to clone; shared by all handlers.
-#[derive(Clone)]
-pub struct ExecutorHandle {
-    commands: mpsc::UnboundedSender<Command>,
-    next_id: Arc<AtomicU64>,
-    connected: Arc<AtomicBool>,
-    socket: Arc<PathBuf>,
-    /// Counts connections made: a new value means the executor may have restarted.
-    connections: watch::Receiver<u64>,
+    fn send(&self, command: Command) {
+        if let Ok(tx) = self.0.lock() {
+            let _ = tx.send(command);
+        }
+    }
+
+    pub(crate) fn retarget(&self, commands: mpsc::UnboundedSender<Command>) {
+        if let Ok(mut tx) = self.0.lock() {
+            *tx = commands;
+        }
+    }
 }
 
 /// Cancels the request in the executor when dropped before it finished
 /// (client gone, stop sequence hit, handler aborted).
 pub struct RequestGuard {
     id: u64,
-    commands: mpsc::UnboundedSender<Command>,
+    target: Arc<CancelTarget>,
     finished: bool,
 }
 
 impl RequestGuard {
+    pub(crate) fn new(id: u64, target: Arc<CancelTarget>) -> Self {
+        Self {
+            id,
+            target,
+            finished: false,
+        }
+    }
+
     /// The request's id in the executor.
     pub fn id(&self) -> u64 {
         self.id
@@ -88,26 +91,131 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         if !self.finished {
-            let _ = self.commands.send(Command::Cancel(self.id));
+            self.target.send(Command::Cancel(self.id));
         }
     }
 }
 
-impl ExecutorHandle {
-    /// Starts the dispatcher task. It connects (and reconnects) on its own.
-    pub fn spawn(socket: PathBuf) -> Self {
+pub type Submitted = (RequestGuard, mpsc::UnboundedReceiver<ExecutorEvent>);
+
+/// What a request needs to continue on another worker: the request as first sent and the
+/// tokens generated for it so far (on every worker it ran on).
+#[derive(Debug)]
+pub struct Resume {
+    pub original: pb::GenerateRequest,
+    pub generated: Vec<u32>,
+    pub migrations: u32,
+}
+
+/// One request handed to a connection.
+pub struct Submission {
+    pub request: pb::GenerateRequest,
+    pub tx: mpsc::UnboundedSender<ExecutorEvent>,
+    pub target: Arc<CancelTarget>,
+    /// Tokens the pool charged to the worker's load for it (released when it leaves).
+    pub charge: u64,
+    /// Some output has been delivered already (a migrated request).
+    pub started: bool,
+    /// Kept when migration is on.
+    pub resume: Option<Box<Resume>>,
+}
+
+/// A request whose worker was lost before it finished: the pool moves it or ends it.
+pub struct Orphan {
+    pub id: u64,
+    pub from: WorkerId,
+    pub reason: String,
+    pub tx: mpsc::UnboundedSender<ExecutorEvent>,
+    pub target: Arc<CancelTarget>,
+    pub started: bool,
+    pub resume: Option<Box<Resume>>,
+}
+
+/// What the pool's routing reads of a worker, kept by the pool (on send) and the connection
+/// (on finish) without a round trip.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub in_flight: AtomicU32,
+    /// Prompt + max_new_tokens of the requests in flight.
+    pub tokens: AtomicU64,
+    /// Prompt tokens sent, and those the executor took from its prefix cache
+    /// (`RequestOutput.cached_tokens`): the worker's prefix hit rate.
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+impl Load {
+    pub fn charge(&self, tokens: u64, prompt_tokens: u64) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn release(&self, tokens: u64) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.tokens.fetch_sub(tokens, Ordering::Relaxed);
+    }
+}
+
+/// Cheap to clone: the pool's handle to one worker's dispatcher task.
+#[derive(Clone)]
+pub struct Connection {
+    commands: mpsc::UnboundedSender<Command>,
+    connected: Arc<AtomicBool>,
+    target: Arc<Target>,
+    credentials: Credentials,
+    /// Counts connections made: a new value means the executor may have restarted.
+    connections: watch::Receiver<u64>,
+    load: Arc<Load>,
+}
+
+impl Connection {
+    /// Starts the dispatcher task of worker `id`. It connects (and reconnects) on its own;
+    /// requests its loss orphans go to `orphans` (None: they end with an error).
+    pub fn spawn(
+        id: WorkerId,
+        target: Target,
+        credentials: Credentials,
+        orphans: Option<mpsc::UnboundedSender<Orphan>>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
         let (epoch_tx, epoch_rx) = watch::channel(0);
+        let load = Arc::new(Load::default());
         let handle = Self {
             commands: tx,
-            next_id: Arc::new(AtomicU64::new(1)),
             connected: connected.clone(),
-            socket: Arc::new(socket.clone()),
+            target: Arc::new(target.clone()),
+            credentials: credentials.clone(),
             connections: epoch_rx,
+            load: load.clone(),
         };
-        tokio::spawn(dispatch(socket, rx, connected, epoch_tx));
+        let dispatcher = Dispatcher {
+            id,
+            target,
+            credentials,
+            connected,
+            epoch: epoch_tx,
+            load,
+            orphans,
+        };
+        tokio::spawn(dispatcher.run(rx));
         handle
+    }
+
+    pub fn load(&self) -> &Arc<Load> {
+        &self.load
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub(crate) fn commands(&self) -> mpsc::UnboundedSender<Command> {
+        self.commands.clone()
     }
 
     /// Changes each time the dispatcher connects (the executor may have restarted since).
@@ -148,8 +256,8 @@ impl ExecutorHandle {
         self.connected.load(Ordering::Acquire)
     }
 
-    pub async fn client(&self) -> Result<ExecutorClient<Channel>, tonic::transport::Error> {
-        Ok(ExecutorClient::new(connect_channel(&self.socket).await?))
+    pub async fn client(&self) -> Result<Client, tonic::transport::Error> {
+        endpoint::connect(&self.target, &self.credentials).await
     }
 
     /// A client for the rollout-control RPCs, whose messages may be as large as the control
@@ -158,8 +266,10 @@ impl ExecutorHandle {
     pub async fn control_client(
         &self,
         max_message_bytes: usize,
-    ) -> Result<ExecutorClient<Channel>, tonic::transport::Error> {
-        Ok(ExecutorClient::new(connect_channel(&self.socket).await?)
+    ) -> Result<Client, tonic::transport::Error> {
+        Ok(self
+            .client()
+            .await?
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes))
     }
@@ -170,38 +280,18 @@ impl ExecutorHandle {
         let _ = self.commands.send(Command::FailAll(reason));
     }
 
-    /// Sends a request; its outputs arrive on the returned receiver.
-    pub fn submit(&self, request: pb::GenerateRequest) -> Submitted {
-        let mut v = self.submit_batch(vec![request]);
-        v.pop().expect("one request in, one handle out")
-    }
-
     /// Sends requests together: they reach the executor in one message.
-    pub fn submit_batch(&self, requests: Vec<pb::GenerateRequest>) -> Vec<Submitted> {
-        let mut handles = Vec::with_capacity(requests.len());
-        let mut batch = Vec::with_capacity(requests.len());
-        for mut request in requests {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            request.id = id;
-            let (tx, rx) = mpsc::unbounded_channel();
-            batch.push((request, tx));
-            let guard = RequestGuard {
-                id,
-                commands: self.commands.clone(),
-                finished: false,
-            };
-            handles.push((guard, rx));
-        }
+    pub fn submit(&self, batch: Vec<Submission>) {
         if let Err(mpsc::error::SendError(Command::Submit(batch))) =
             self.commands.send(Command::Submit(batch))
         {
-            for (_, tx) in batch {
-                let _ = tx.send(ExecutorEvent::Disconnected(
+            for s in batch {
+                self.load.release(s.charge);
+                let _ = s.tx.send(ExecutorEvent::Disconnected(
                     "router is shutting down".into(),
                 ));
             }
         }
-        handles
     }
 }
 
@@ -212,94 +302,227 @@ struct Route {
     tx: mpsc::UnboundedSender<ExecutorEvent>,
     /// Some output has been delivered already (the request is past its first token).
     started: bool,
+    target: Arc<CancelTarget>,
+    charge: u64,
+    resume: Option<Box<Resume>>,
 }
 
-async fn dispatch(
-    socket: PathBuf,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+struct Dispatcher {
+    id: WorkerId,
+    target: Target,
+    credentials: Credentials,
     connected: Arc<AtomicBool>,
     epoch: watch::Sender<u64>,
-) {
-    let mut backoff = Duration::from_millis(50);
-    let mut idle_waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    loop {
-        let stream = open_stream(&socket).await;
-        let (outbound, mut inbound) = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                // While the executor is away, refuse work at once instead of queueing it blindly.
-                let deadline = tokio::time::sleep(backoff);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        _ = &mut deadline => break,
-                        cmd = commands.recv() => match cmd {
-                            Some(Command::Submit(batch)) => {
-                                for (_, tx) in batch {
-                                    let _ = tx.send(ExecutorEvent::Disconnected(format!("executor unavailable: {e}")));
+    load: Arc<Load>,
+    orphans: Option<mpsc::UnboundedSender<Orphan>>,
+}
+
+impl Dispatcher {
+    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let worker = self.target.to_string();
+        let mut backoff = Duration::from_millis(50);
+        let mut idle_waiters: Vec<oneshot::Sender<()>> = Vec::new();
+        loop {
+            let stream = open_stream(&self.target, &self.credentials).await;
+            let (outbound, mut inbound) = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    // While the executor is away, refuse work at once instead of queueing it
+                    // blindly (the pool routes none here while it is disconnected).
+                    let deadline = tokio::time::sleep(backoff);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            cmd = commands.recv() => match cmd {
+                                Some(Command::Submit(batch)) => {
+                                    for s in batch {
+                                        self.orphan(s.request.id, route_of(s), format!("executor unavailable: {e}"));
+                                    }
                                 }
+                                // Nothing is live while disconnected.
+                                Some(Command::WhenIdle(tx)) => {
+                                    let _ = tx.send(());
+                                }
+                                Some(Command::Live(tx)) => {
+                                    let _ = tx.send(0);
+                                }
+                                Some(Command::Abort(_, _, tx)) => {
+                                    let _ = tx.send(0);
+                                }
+                                Some(Command::Cancel(_) | Command::FailAll(_)) => {}
+                                None => return,
                             }
-                            // Nothing is live while disconnected.
-                            Some(Command::WhenIdle(tx)) => {
-                                let _ = tx.send(());
-                            }
-                            Some(Command::Live(tx)) => {
-                                let _ = tx.send(0);
-                            }
-                            Some(Command::Abort(_, _, tx)) => {
-                                let _ = tx.send(0);
-                            }
-                            Some(Command::Cancel(_) | Command::FailAll(_)) => {}
-                            None => return,
                         }
                     }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        tracing::info!(socket = %socket.display(), "connected to executor");
-        connected.store(true, Ordering::Release);
-        epoch.send_modify(|n| *n += 1);
-        crate::metrics::set_executor_connected(true);
-        backoff = Duration::from_millis(50);
-        let mut pending: Pending = HashMap::new();
+            };
+            tracing::info!(%worker, "connected to executor");
+            self.connected.store(true, Ordering::Release);
+            self.epoch.send_modify(|n| *n += 1);
+            crate::metrics::set_executor_connected(&worker, true);
+            backoff = Duration::from_millis(50);
+            let mut pending: Pending = HashMap::new();
 
-        let reason = loop {
-            tokio::select! {
-                cmd = commands.recv() => {
-                    let Some(cmd) = cmd else { return };
-                    let mut batch = pb::GenerateCommand::default();
-                    apply(cmd, &mut pending, &mut batch, &mut idle_waiters);
-                    // Coalesce everything already waiting into one message.
-                    while let Ok(cmd) = commands.try_recv() {
-                        apply(cmd, &mut pending, &mut batch, &mut idle_waiters);
+            let reason = loop {
+                tokio::select! {
+                    cmd = commands.recv() => {
+                        let Some(cmd) = cmd else { return };
+                        let mut batch = pb::GenerateCommand::default();
+                        self.apply(cmd, &mut pending, &mut batch, &mut idle_waiters);
+                        // Coalesce everything already waiting into one message.
+                        while let Ok(cmd) = commands.try_recv() {
+                            self.apply(cmd, &mut pending, &mut batch, &mut idle_waiters);
+                        }
+                        notify_if_idle(&pending, &mut idle_waiters);
+                        if batch.requests.is_empty() && batch.cancel_ids.is_empty() {
+                            continue;
+                        }
+                        if outbound.send(batch).await.is_err() {
+                            break "executor stream closed".to_string();
+                        }
                     }
-                    notify_if_idle(&pending, &mut idle_waiters);
-                    if batch.requests.is_empty() && batch.cancel_ids.is_empty() {
-                        continue;
-                    }
-                    if outbound.send(batch).await.is_err() {
-                        break "executor stream closed".to_string();
+                    msg = inbound.message() => match msg {
+                        Ok(Some(iteration)) => {
+                            self.route(iteration, &mut pending);
+                            notify_if_idle(&pending, &mut idle_waiters);
+                        }
+                        Ok(None) => break "executor closed the generate stream".to_string(),
+                        Err(status) => break format!("executor stream failed: {}", status.message()),
                     }
                 }
-                msg = inbound.message() => match msg {
-                    Ok(Some(iteration)) => {
-                        route(iteration, &mut pending);
-                        notify_if_idle(&pending, &mut idle_waiters);
+            };
+            self.connected.store(false, Ordering::Release);
+            crate::metrics::set_executor_connected(&worker, false);
+            tracing::error!(%worker, %reason, in_flight = pending.len(), "lost the executor");
+            for (id, route) in pending.drain() {
+                self.orphan(id, route, reason.clone());
+            }
+            notify_if_idle(&pending, &mut idle_waiters);
+        }
+    }
+
+    /// A request that left this worker unfinished: to the pool (to move it), or ended.
+    fn orphan(&self, id: u64, route: Route, reason: String) {
+        self.load.release(route.charge);
+        if route.tx.is_closed() {
+            return; // its client is gone: nothing to continue
+        }
+        let orphan = Orphan {
+            id,
+            from: self.id,
+            reason,
+            tx: route.tx,
+            target: route.target,
+            started: route.started,
+            resume: route.resume,
+        };
+        if let Some(orphans) = &self.orphans {
+            if let Err(mpsc::error::SendError(orphan)) = orphans.send(orphan) {
+                let _ = orphan.tx.send(ExecutorEvent::Disconnected(orphan.reason));
+            }
+        } else {
+            let _ = orphan.tx.send(ExecutorEvent::Disconnected(orphan.reason));
+        }
+    }
+
+    fn leave(&self, route: &Route) {
+        self.load.release(route.charge);
+    }
+
+    fn apply(
+        &self,
+        cmd: Command,
+        pending: &mut Pending,
+        batch: &mut pb::GenerateCommand,
+        idle_waiters: &mut Vec<oneshot::Sender<()>>,
+    ) {
+        match cmd {
+            Command::Submit(requests) => {
+                for s in requests {
+                    if s.tx.is_closed() {
+                        self.load.release(s.charge);
+                        continue; // client left before the request was sent
                     }
-                    Ok(None) => break "executor closed the generate stream".to_string(),
-                    Err(status) => break format!("executor stream failed: {}", status.message()),
+                    let id = s.request.id;
+                    let request = {
+                        let mut s = s;
+                        let request = std::mem::take(&mut s.request);
+                        pending.insert(id, route_of(s));
+                        request
+                    };
+                    batch.requests.push(request);
                 }
             }
-        };
-        connected.store(false, Ordering::Release);
-        crate::metrics::set_executor_connected(false);
-        tracing::error!(%reason, in_flight = pending.len(), "lost the executor");
-        for (_, Route { tx, .. }) in pending.drain() {
-            let _ = tx.send(ExecutorEvent::Disconnected(reason.clone()));
+            Command::FailAll(reason) => {
+                for (id, route) in pending.drain() {
+                    self.leave(&route);
+                    let _ = route.tx.send(ExecutorEvent::Disconnected(reason.clone()));
+                    batch.requests.retain(|r| r.id != id);
+                    batch.cancel_ids.push(id);
+                }
+            }
+            Command::Cancel(id) => {
+                if let Some(route) = pending.remove(&id) {
+                    self.leave(&route);
+                    unsend_or_cancel(id, batch);
+                }
+            }
+            Command::Abort(ids, reason, reply) => {
+                let ids: Vec<u64> = ids.unwrap_or_else(|| pending.keys().copied().collect());
+                let mut n = 0;
+                for id in ids {
+                    if let Some(route) = pending.remove(&id) {
+                        self.leave(&route);
+                        let _ = route.tx.send(ExecutorEvent::Aborted(reason.clone()));
+                        unsend_or_cancel(id, batch);
+                        n += 1;
+                    }
+                }
+                let _ = reply.send(n);
+            }
+            Command::WhenIdle(tx) => idle_waiters.push(tx),
+            Command::Live(tx) => {
+                let _ = tx.send(pending.len());
+            }
         }
-        notify_if_idle(&pending, &mut idle_waiters);
+    }
+
+    fn route(&self, iteration: pb::IterationOutput, pending: &mut Pending) {
+        for output in first_outputs_first(iteration.outputs, pending) {
+            let id = output.request_id;
+            let done = output.finish_reason != pb::FinishReason::Unspecified as i32;
+            // A closed receiver is left in place: its guard's Cancel follows and removes it.
+            if let Some(route) = pending.get_mut(&id) {
+                if !route.started && output.cached_tokens > 0 {
+                    self.load
+                        .cached_tokens
+                        .fetch_add(u64::from(output.cached_tokens), Ordering::Relaxed);
+                }
+                route.started = true;
+                if let Some(resume) = route.resume.as_mut() {
+                    resume.generated.extend_from_slice(&output.token_ids);
+                }
+                let _ = route.tx.send(ExecutorEvent::Output(output));
+                if done {
+                    if let Some(route) = pending.remove(&id) {
+                        self.leave(&route);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn route_of(s: Submission) -> Route {
+    Route {
+        tx: s.tx,
+        started: s.started,
+        target: s.target,
+        charge: s.charge,
+        resume: s.resume,
     }
 }
 
@@ -312,7 +535,8 @@ fn notify_if_idle(pending: &Pending, waiters: &mut Vec<oneshot::Sender<()>>) {
 }
 
 async fn open_stream(
-    socket: &Path,
+    target: &Target,
+    credentials: &Credentials,
 ) -> Result<
     (
         mpsc::Sender<pb::GenerateCommand>,
@@ -320,8 +544,9 @@ async fn open_stream(
     ),
     String,
 > {
-    let channel = connect_channel(socket).await.map_err(|e| e.to_string())?;
-    let mut client = ExecutorClient::new(channel)
+    let mut client = endpoint::connect(target, credentials)
+        .await
+        .map_err(|e| e.to_string())?
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(1024);
@@ -333,53 +558,6 @@ async fn open_stream(
     Ok((tx, inbound))
 }
 
-fn apply(
-    cmd: Command,
-    pending: &mut Pending,
-    batch: &mut pb::GenerateCommand,
-    idle_waiters: &mut Vec<oneshot::Sender<()>>,
-) {
-    match cmd {
-        Command::Submit(requests) => {
-            for (req, tx) in requests {
-                if tx.is_closed() {
-                    continue; // client left before the request was sent
-                }
-                pending.insert(req.id, Route { tx, started: false });
-                batch.requests.push(req);
-            }
-        }
-        Command::FailAll(reason) => {
-            for (id, route) in pending.drain() {
-                let _ = route.tx.send(ExecutorEvent::Disconnected(reason.clone()));
-                batch.requests.retain(|r| r.id != id);
-                batch.cancel_ids.push(id);
-            }
-        }
-        Command::Cancel(id) => {
-            if pending.remove(&id).is_some() {
-                unsend_or_cancel(id, batch);
-            }
-        }
-        Command::Abort(ids, reason, reply) => {
-            let ids: Vec<u64> = ids.unwrap_or_else(|| pending.keys().copied().collect());
-            let mut n = 0;
-            for id in ids {
-                if let Some(route) = pending.remove(&id) {
-                    let _ = route.tx.send(ExecutorEvent::Aborted(reason.clone()));
-                    unsend_or_cancel(id, batch);
-                    n += 1;
-                }
-            }
-            let _ = reply.send(n);
-        }
-        Command::WhenIdle(tx) => idle_waiters.push(tx),
-        Command::Live(tx) => {
-            let _ = tx.send(pending.len());
-        }
-    }
-}
-
 /// Takes a request out of the message being built if it is there (its submit and its cancel
 /// would travel together), or cancels it in the executor.
 fn unsend_or_cancel(id: u64, batch: &mut pb::GenerateCommand) {
@@ -387,21 +565,6 @@ fn unsend_or_cancel(id: u64, batch: &mut pb::GenerateCommand) {
         batch.requests.swap_remove(pos);
     } else {
         batch.cancel_ids.push(id);
-    }
-}
-
-fn route(iteration: pb::IterationOutput, pending: &mut Pending) {
-    for output in first_outputs_first(iteration.outputs, pending) {
-        let id = output.request_id;
-        let done = output.finish_reason != pb::FinishReason::Unspecified as i32;
-        // A closed receiver is left in place: its guard's Cancel follows and removes it.
-        if let Some(route) = pending.get_mut(&id) {
-            route.started = true;
-            let _ = route.tx.send(ExecutorEvent::Output(output));
-            if done {
-                pending.remove(&id);
-            }
-        }
     }
 }
 
@@ -429,6 +592,7 @@ mod tests {
     //! The dispatcher against a fake executor served by tonic on a real unix socket.
 
     use super::*;
+    use crate::executors::pool::ExecutorHandle;
     use crate::pb::executor_server::{Executor, ExecutorServer};
     use std::pin::Pin;
     use tokio::net::UnixListener;
@@ -611,14 +775,42 @@ mod tests {
         panic!("dispatcher never connected");
     }
 
+    fn dispatcher() -> Dispatcher {
+        Dispatcher {
+            id: WorkerId(0),
+            target: Target::Unix("/nonexistent".into()),
+            credentials: Credentials::default(),
+            connected: Arc::default(),
+            epoch: watch::channel(0).0,
+            load: Arc::default(),
+            orphans: None,
+        }
+    }
+
     #[test]
     fn first_tokens_are_routed_before_running_streams() {
+        let d = dispatcher();
         let mut pending = Pending::new();
         let mut keep = Vec::new();
+        let (commands, _) = mpsc::unbounded_channel();
         for (id, started) in [(1, true), (2, false), (3, true), (4, false)] {
             let (tx, rx) = mpsc::unbounded_channel();
             keep.push(rx);
-            pending.insert(id, Route { tx, started });
+            let route = Route {
+                tx,
+                started,
+                target: CancelTarget::new(commands.clone()),
+                charge: 10,
+                resume: (id == 2).then(|| {
+                    Box::new(Resume {
+                        original: pb::GenerateRequest::default(),
+                        generated: vec![],
+                        migrations: 0,
+                    })
+                }),
+            };
+            d.load.charge(10, 1);
+            pending.insert(id, route);
         }
         let outputs = [3, 4, 1, 9, 2]
             .into_iter()
@@ -638,14 +830,32 @@ mod tests {
         iteration.outputs.push(pb::RequestOutput {
             request_id: 2,
             token_ids: vec![5],
+            cached_tokens: 16,
             ..Default::default()
         });
-        route(iteration, &mut pending);
+        d.route(iteration, &mut pending);
         assert!(
             pending[&2].started,
             "a delivered output marks its request started"
         );
         assert!(matches!(keep[1].try_recv(), Ok(ExecutorEvent::Output(o)) if o.token_ids == [5]));
+        // Kept for migration: the tokens generated so far; the hit counted once.
+        assert_eq!(pending[&2].resume.as_ref().unwrap().generated, vec![5]);
+        assert_eq!(d.load.cached_tokens.load(Ordering::Relaxed), 16);
+        // A finished request leaves the worker's load.
+        let mut last = pb::IterationOutput::default();
+        last.outputs.push(pb::RequestOutput {
+            request_id: 2,
+            token_ids: vec![6],
+            cached_tokens: 16,
+            finish_reason: pb::FinishReason::Length as i32,
+            ..Default::default()
+        });
+        d.route(last, &mut pending);
+        assert!(!pending.contains_key(&2));
+        assert_eq!(d.load.in_flight.load(Ordering::Relaxed), 3);
+        assert_eq!(d.load.tokens.load(Ordering::Relaxed), 30);
+        assert_eq!(d.load.cached_tokens.load(Ordering::Relaxed), 16);
     }
 
     #[tokio::test]
@@ -686,18 +896,91 @@ mod tests {
         let (dir, _cancels, hang_up) = start_fake(0).await;
         let handle = ExecutorHandle::spawn(dir.path.join("fake.sock"));
         connected(&handle).await;
-        let (_g1, mut rx1) = handle.submit(pb::GenerateRequest::default());
-        let (_g2, mut rx2) = handle.submit(pb::GenerateRequest::default());
+        let request = || pb::GenerateRequest {
+            max_new_tokens: 8,
+            ..Default::default()
+        };
+        let (_g1, mut rx1) = handle.submit(request());
+        let (_g2, mut rx2) = handle.submit(request());
         tokio::time::sleep(Duration::from_millis(50)).await;
         hang_up.notify_waiters();
         for rx in [&mut rx1, &mut rx2] {
             let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
                 .expect("an event, not a hang");
-            assert!(matches!(ev, Some(ExecutorEvent::Disconnected(_))), "{ev:?}");
+            // Migration is on, but the pool has no other worker to move them to.
+            assert!(
+                matches!(ev, Some(ExecutorEvent::Disconnected(ref why)) if why.contains("no other executor")),
+                "{ev:?}"
+            );
         }
         // The dispatcher opens a new stream: service resumes.
         connected(&handle).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_lost_worker_moves_to_another_and_completes() {
+        use crate::executors::pool::PoolConfig;
+        use crate::executors::routing::policy::RoutingKind;
+        // Worker 0 never answers and then hangs up; worker 1 answers with three tokens.
+        let (silent, _c0, hang_up) = start_fake(0).await;
+        let (answering, _c1, _h1) = start_fake(3).await;
+        let handle = ExecutorHandle::start(PoolConfig {
+            addresses: vec![
+                crate::executors::endpoint::ExecutorAddress::Unix(silent.path.join("fake.sock")),
+                crate::executors::endpoint::ExecutorAddress::Unix(answering.path.join("fake.sock")),
+            ],
+            routing: RoutingKind::RoundRobin,
+            ..PoolConfig::unix("/unused".into())
+        })
+        .expect("pool");
+        for _ in 0..200 {
+            if handle
+                .status()
+                .iter()
+                .all(|w| w.state == crate::executors::pool::WorkerState::Healthy)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (mut guard, mut rx) = handle.submit(pb::GenerateRequest {
+            input_ids: vec![1, 2],
+            max_new_tokens: 8,
+            ..Default::default()
+        });
+        let first = handle.status();
+        assert_eq!(
+            (first[0].in_flight, first[1].in_flight),
+            (1, 0),
+            "{first:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hang_up.notify_waiters();
+        let mut tokens = vec![];
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an event, not a hang");
+            match ev {
+                Some(ExecutorEvent::Output(o)) => {
+                    tokens.extend(o.token_ids);
+                    if o.finish_reason != 0 {
+                        break;
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        guard.finish();
+        assert_eq!(tokens, vec![100, 101, 102]);
+        let after = handle.status();
+        assert_eq!(after[1].requests, 1, "{after:?}");
+        assert_eq!(
+            after.iter().map(|w| w.in_flight).sum::<u32>(),
+            0,
+            "{after:?}"
+        );
     }
 
     #[tokio::test]

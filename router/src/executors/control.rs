@@ -1,14 +1,17 @@
-//! The executor's rollout-control RPCs (ReleaseMemory, ResumeMemory, UpdateWeights,
-//! FlushCache, PauseGeneration, ContinueGeneration), each on a connection whose message
+//! The executors' rollout-control RPCs (ReleaseMemory, ResumeMemory, UpdateWeights,
+//! FlushCache, PauseGeneration, ContinueGeneration), each on connections whose message
 //! limits match the control routes' body limit, and their gRPC statuses as router errors.
+//! A call goes to every connected worker of the pool at once (one weight version, one memory
+//! state across the fleet); it succeeds when all of them do.
 
 use tonic::{Code, Status};
 
 use crate::errors::RouterError;
-use crate::executors::client::ExecutorHandle;
+use crate::executors::endpoint::Client;
+use crate::executors::pool::ExecutorHandle;
 use crate::pb;
 
-/// Calls the control RPCs of one executor.
+/// Calls the control RPCs of the pool's executors.
 #[derive(Clone)]
 pub struct ControlRpc {
     executor: ExecutorHandle,
@@ -35,25 +38,40 @@ impl ControlRpc {
         &self.engine
     }
 
-    async fn client(
-        &self,
-    ) -> Result<pb::executor_client::ExecutorClient<tonic::transport::Channel>, RouterError> {
-        self.executor
-            .control_client(self.max_message_bytes)
-            .await
-            .map_err(|e| RouterError::Unavailable(format!("cannot reach the executor: {e}")))
-    }
-
-    /// One control RPC on a fresh control connection, its status as a router error.
+    /// One control RPC on every connected worker, on fresh control connections, concurrently.
+    /// The first failure is the answer (naming the worker when there are several); otherwise
+    /// the tensors written add up and the rest is the first worker's answer.
     async fn call<F, Fut>(&self, what: &str, rpc: F) -> Result<pb::ControlResponse, RouterError>
     where
-        F: FnOnce(pb::executor_client::ExecutorClient<tonic::transport::Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<pb::ControlResponse>, Status>>,
     {
-        rpc(self.client().await?)
+        let clients = self
+            .executor
+            .control_clients(self.max_message_bytes)
             .await
-            .map(tonic::Response::into_inner)
-            .map_err(|status| status_error(&self.engine, what, &status))
+            .map_err(|e| RouterError::Unavailable(format!("cannot reach the executor: {e}")))?;
+        let several = clients.len() > 1;
+        let calls = clients.into_iter().map(|(name, client)| {
+            let call = rpc(client);
+            async move { (name, call.await) }
+        });
+        let mut merged: Option<pb::ControlResponse> = None;
+        for (name, result) in futures::future::join_all(calls).await {
+            let response = result.map(tonic::Response::into_inner).map_err(|status| {
+                if several {
+                    let named = Status::new(status.code(), format!("{name}: {}", status.message()));
+                    status_error(&self.engine, what, &named)
+                } else {
+                    status_error(&self.engine, what, &status)
+                }
+            })?;
+            match merged.as_mut() {
+                Some(m) => m.tensors_updated += response.tensors_updated,
+                None => merged = Some(response),
+            }
+        }
+        merged.ok_or_else(|| RouterError::Unavailable("no executor is connected".into()))
     }
 
     pub async fn release_memory(
@@ -61,8 +79,9 @@ impl ControlRpc {
         tags: Vec<String>,
     ) -> Result<pb::ControlResponse, RouterError> {
         let request = pb::MemoryRequest { tags };
-        self.call("release memory", |mut c| async move {
-            c.release_memory(request).await
+        self.call("release memory", |mut c| {
+            let request = request.clone();
+            async move { c.release_memory(request).await }
         })
         .await
     }
@@ -72,8 +91,9 @@ impl ControlRpc {
         tags: Vec<String>,
     ) -> Result<pb::ControlResponse, RouterError> {
         let request = pb::MemoryRequest { tags };
-        self.call("resume memory", |mut c| async move {
-            c.resume_memory(request).await
+        self.call("resume memory", |mut c| {
+            let request = request.clone();
+            async move { c.resume_memory(request).await }
         })
         .await
     }
@@ -82,8 +102,9 @@ impl ControlRpc {
         &self,
         request: pb::UpdateWeightsRequest,
     ) -> Result<pb::ControlResponse, RouterError> {
-        self.call("update weights", |mut c| async move {
-            c.update_weights(request).await
+        self.call("update weights", |mut c| {
+            let request = request.clone();
+            async move { c.update_weights(request).await }
         })
         .await
     }

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::executors::client::{ExecutorEvent, ExecutorHandle, RequestGuard};
+use crate::executors::client::{ExecutorEvent, RequestGuard};
+use crate::executors::pool::ExecutorHandle;
 use crate::metrics as m;
 use crate::pb;
 
@@ -100,6 +101,14 @@ impl<T> AdmissionQueue<T> {
 
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// New limits (0: unlimited, as in `new`). What is admitted stays; a smaller budget only
+    /// holds new admissions back until enough is released.
+    pub fn set_limits(&mut self, budget: u64, max_running: usize) {
+        let fresh = Self::new(budget, max_running);
+        self.budget = fresh.budget;
+        self.max_running = fresh.max_running;
     }
     pub fn used(&self) -> u64 {
         self.used
@@ -309,6 +318,12 @@ enum Msg {
     Unhold,
     /// Some(message): engine memory is released; refuse what is queued and what comes.
     Sleep(Option<String>),
+    /// The pool's capacity changed (workers joined, left or failed): new token budget and
+    /// batch-size limit.
+    Capacity {
+        budget: u64,
+        max_batch_size: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -385,6 +400,34 @@ impl Scheduler {
             let _ = acked.await;
         }
         guard
+    }
+
+    /// Sizes admission by the pool: `per_worker_budget` and `per_worker_batch` times the
+    /// healthy workers (at least one, so that requests queue rather than being refused as too
+    /// large while the pool recovers).
+    pub fn follow_pool(
+        &self,
+        mut healthy: tokio::sync::watch::Receiver<usize>,
+        per_worker_budget: u64,
+        per_worker_batch: usize,
+    ) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let n = (*healthy.borrow_and_update()).max(1);
+                let msg = Msg::Capacity {
+                    budget: per_worker_budget.saturating_mul(n as u64),
+                    max_batch_size: if per_worker_batch == 0 {
+                        0
+                    } else {
+                        per_worker_batch.saturating_mul(n)
+                    },
+                };
+                if tx.send(msg).is_err() || healthy.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// `Some(message)`: refuse every queued and every new request with
@@ -503,6 +546,13 @@ async fn run(
                             queue.forgive_hold(since, now);
                         }
                     }
+                }
+                Msg::Capacity {
+                    budget,
+                    max_batch_size,
+                } => {
+                    queue.set_limits(budget, max_batch_size);
+                    m::set_token_budget(queue.budget());
                 }
                 Msg::Sleep(message) => {
                     if let Some(m) = &message {

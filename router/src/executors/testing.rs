@@ -12,7 +12,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::executors::client::ExecutorHandle;
+use crate::executors::pool::ExecutorHandle;
 use crate::pb;
 use crate::pb::executor_server::{Executor, ExecutorServer};
 

@@ -13,8 +13,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::errors::RouterError;
-use crate::executors::client::ExecutorHandle;
 use crate::executors::control::ControlRpc;
+use crate::executors::pool::ExecutorHandle;
 use crate::executors::scheduler::{HoldGuard, Scheduler};
 use crate::generation::requests::{RequestId, RequestRegistry};
 use crate::pb;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use crate::errors::RouterError;
-use crate::executors::client::ExecutorHandle;
+use crate::executors::pool::ExecutorHandle;
 use crate::executors::scheduler::{AdmissionError, Scheduler};
 use crate::generation::chat_template::{ChatMessage, ChatTemplate};
 use crate::generation::control::Control;
@@ -365,6 +365,7 @@ impl Infer {
     fn request(&self, p: &Prepared) -> pb::GenerateRequest {
         pb::GenerateRequest {
             id: 0,
+            resumed_tokens: 0,
             input_ids: p.input_ids.clone(),
             max_new_tokens: p.max_new_tokens,
             sampling: Some(p.params.sampling.to_proto()),

@@ -47,6 +47,8 @@ use crate::http::tgi::schemas::{
         StreamDetails,
         Info,
         RlControlInfo,
+        crate::executors::pool::WorkerStatus,
+        crate::executors::pool::WorkerState,
         TokenizeRequest,
         SimpleToken,
         ChatTokenizeResponse,

@@ -48,6 +48,7 @@ pub async fn info(State(state): State<AppState>) -> Json<Info> {
     let control = state.infer.control();
     info.weight_version = control.weight_version();
     info.released_memory_tags = control.released_tags();
+    info.workers = state.infer.executor().status();
     Json(info)
 }
 

@@ -115,6 +115,10 @@ pub struct Info {
     /// What the rollout-control routes can do on this engine (served only with
     /// --enable-rl-control).
     pub rl_control: RlControlInfo,
+    /// How requests are spread over the workers (--routing).
+    pub routing: &'static str,
+    /// The executors behind the router, their state and load.
+    pub workers: Vec<crate::executors::pool::WorkerStatus>,
 }
 
 /// Info's view of the engine's rollout-control abilities.
