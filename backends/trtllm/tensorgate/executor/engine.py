@@ -145,6 +145,14 @@ def check_request(req: pb.GenerateRequest, limits: EngineLimits) -> str | None:
             f"top_n_tokens is {req.top_n_tokens}; the engine's max_top_n_tokens is "
             f"{limits.max_top_n_tokens}"
         )
+    if req.resumed_tokens > n:
+        return (
+            f"resumed_tokens is {req.resumed_tokens}, more than the {n} input_ids it counts "
+            "back from: it must be at most len(input_ids)"
+        )
+    if req.resumed_tokens and req.HasField("grammar"):
+        # A grammar's matcher state is not on the wire: it cannot continue elsewhere.
+        return "resumed_tokens with a grammar: a constrained request cannot be resumed"
     return None
 
 
@@ -206,6 +214,12 @@ class Engine(abc.ABC):
 
     def health(self) -> tuple[bool, str]:
         return True, ""
+
+    def bind_router_ids(self, ids: dict[int, int]) -> None:
+        """Engine id -> the router's id, for requests about to be submitted (called just before
+        `submit`). An engine whose output depends on a request's identity (synthetic) keys it by
+        the router's id, which a migrated request keeps on its next executor; others ignore it."""
+        del ids
 
     def kv_cache_event_batch(self) -> pb.KvCacheEventBatch | None:
         """The KV-cache events published since the last call, oldest first (may be empty);

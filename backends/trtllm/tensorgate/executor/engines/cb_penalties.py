@@ -23,16 +23,24 @@ import torch
 class TokenHistory:
     """The tokens one request has seen: `seen` (prompt + generated, for the repetition penalty)
     and `counts` (generated only, for the frequency and presence penalties). Built on the first
-    step, from the prompt, on the device and with the vocabulary of the logits."""
+    step, from the input, on the device and with the vocabulary of the logits. The last
+    `resumed` input tokens were generated for the request by an executor it migrated from: they
+    are counted as generated."""
 
     __slots__ = ("counts", "seen")
 
-    def __init__(self, prompt: list[int], vocab: int, device: torch.device) -> None:
+    def __init__(
+        self, prompt: list[int], vocab: int, device: torch.device, resumed: int = 0
+    ) -> None:
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         if prompt:
             ids = torch.tensor(prompt, dtype=torch.long, device=device)
             self.seen[ids[ids < vocab]] = True
         self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        if resumed:
+            ids = torch.tensor(prompt[len(prompt) - resumed :], dtype=torch.long, device=device)
+            ids = ids[ids < vocab]
+            self.counts.index_add_(0, ids, torch.ones(len(ids), device=device))
 
     def add(self, token: int) -> None:
         self.seen[token] = True

@@ -7,7 +7,8 @@ therefore runs in argmax mode, and one processor, the only one in its list, hand
 that need it (greedy rows that want no logprobs are not touched):
 
 - sampled rows: temperature, top-k, top-p (the semantics of transformers' warpers, in that
-  order), then Gumbel noise from a generator seeded by (request seed, step). The manager's
+  order), then Gumbel noise from a generator seeded by (request seed, step), the step counting
+  the tokens a migrated request generated on its previous executor. The manager's
   argmax of logits / T + Gumbel is an exact sample of softmax(logits / T), and it is the same
   whatever else shares the batch;
 - rows that asked for logprobs: the log-softmax of the distribution the token was drawn from
@@ -79,6 +80,9 @@ class RowSpec:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_new_tokens: int = 0
     end_ids: tuple[int, ...] = ()  # the ids that would end the request (eos, stop_token_ids)
+    # GenerateRequest.resumed_tokens: steps taken on the executor the request migrated from. It
+    # offsets the seed's step only: min_new_tokens and the logprob book count steps taken here.
+    resumed: int = 0
 
     @property
     def penalized(self) -> bool:
@@ -95,10 +99,11 @@ class RowState:
     delivered): the tokens chosen, the penalty history, the grammar matcher, and how the
     processor ended the request, if it did."""
 
-    __slots__ = ("bias", "done", "error", "generated", "history", "matcher", "prompt")
+    __slots__ = ("bias", "done", "error", "generated", "history", "matcher", "prompt", "resumed")
 
-    def __init__(self, prompt: list[int], matcher=None) -> None:
+    def __init__(self, prompt: list[int], matcher=None, resumed: int = 0) -> None:
         self.prompt = prompt
+        self.resumed = resumed  # the prompt's last tokens that were generated elsewhere
         self.matcher = matcher
         self.generated: list[int] = []
         self.history: TokenHistory | None = None
@@ -293,7 +298,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
             tiny = torch.finfo(torch.float32).tiny
             for j in sampled:
                 step, s = rows[j][2], rows[j][3]
-                generator.manual_seed(step_seed(s.seed, step))
+                generator.manual_seed(step_seed(s.seed, s.resumed + step))
                 u = torch.rand(vocab, generator=generator, device=device).clamp_(min=tiny)
                 sub[j] -= torch.log(-torch.log(u))
         if logprobs is not None:
@@ -317,7 +322,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         changed = False
         if st is not None and s.penalized:
             if st.history is None:
-                st.history = TokenHistory(st.prompt, vocab, row.device)
+                st.history = TokenHistory(st.prompt, vocab, row.device, st.resumed)
             if s.repetition_penalty != 1.0:
                 repetition_penalty_(row, st.history.seen, s.repetition_penalty)
             if s.frequency_penalty or s.presence_penalty:
@@ -480,6 +485,7 @@ def row_spec(req, end_ids: frozenset[int] = frozenset()) -> RowSpec | None:
         logit_bias=tuple(sorted((int(k), float(v)) for k, v in req.logit_bias.items())),
         min_new_tokens=int(req.min_new_tokens),
         end_ids=tuple(sorted(end_ids)) if req.min_new_tokens else (),
+        resumed=int(req.resumed_tokens),
     )
     plain = (
         adjust["repetition_penalty"] == 1.0

@@ -1,8 +1,11 @@
 """A model-free engine with a fixed cadence: one token per active request per iteration.
 
 It exists to measure the stack alone, at the token rates TensorRT-LLM reaches, so an iteration
-is built straight into one protobuf message. Token ids are deterministic (a function of request
-id and step) and never an eos id; requests beyond the batch capacity wait, FIFO.
+is built straight into one protobuf message. Token ids are deterministic (a function of the
+router's request id and the step) and never an eos id; requests beyond the batch capacity wait,
+FIFO. A resumed request (GenerateRequest.resumed_tokens = N, migrated from a lost executor under
+the same router id) continues at step N, so it emits what the first executor would have; its
+whole input, resumed tokens included, is its prompt (for the prefix cache and prefill).
 
 Rollout control works as state, for load tests of the control path: memory tags are marked
 released and resumed (generation is refused meanwhile, and requests live at a release are
@@ -78,7 +81,9 @@ class _Active:
     max_new: int
     stop: frozenset[int] | None
     min_new: int = 0  # a stop token before this many tokens does not end the request
-    generated: int = 0
+    generated: int = 0  # here, not counting resumed tokens
+    key: int = 0  # the router's id: the token stream's key (the same on every executor)
+    step0: int = 0  # resumed tokens: the stream continues at this step
     prompt: list[float] | None = None  # prompt log probabilities, until the first output
     input_ids: list[int] | None = None  # kept for the prefix cache, until admission
     uncached: int = 0  # prompt tokens to prefill: set on admission
@@ -126,6 +131,9 @@ class SyntheticEngine(Engine):
             max_num_tokens=max_batch_size * max_total_tokens,
         )
         self.inbox = Inbox()
+        # Engine id -> router id, from the server thread until the loop takes the request in.
+        self._router_ids: dict[int, int] = {}
+        self._router_ids_lock = threading.Lock()
         # Only the loop's thread touches these: no lock.
         self.live: LiveRequests[_Active] = LiveRequests(self.counters)  # waiting or running
         self.waiting: collections.deque[_Active] = collections.deque()
@@ -187,8 +195,14 @@ class SyntheticEngine(Engine):
     def cancel(self, request_ids: list[int]) -> None:
         self.inbox.put_cancels(request_ids)
 
-    def token(self, rid: int, step: int) -> int:
-        return self._low + (rid * 7919 + step * 104729) % self._span
+    def bind_router_ids(self, ids: dict[int, int]) -> None:
+        with self._router_ids_lock:
+            self._router_ids.update(ids)
+
+    def token(self, key: int, step: int) -> int:
+        """The token of the request whose router id is `key` at `step` (resumed tokens
+        included)."""
+        return self._low + (key * 7919 + step * 104729) % self._span
 
     def _loop(self, emit: Emit) -> None:
         next_tick = time.monotonic()
@@ -254,7 +268,7 @@ class SyntheticEngine(Engine):
         done = []
         for a in self.active.values():
             step = a.generated
-            tok = low + (a.rid * 7919 + step * 104729) % span
+            tok = low + (a.key * 7919 + (a.step0 + step) * 104729) % span
             a.generated = step + 1
             out = add()
             out.request_id = a.rid
@@ -291,15 +305,21 @@ class SyntheticEngine(Engine):
             return
         b = self.block_size
         if (a.prompt_len + a.generated - 1) // b > a.prompt_len // b:
-            generated = [self.token(a.rid, step) for step in range(a.generated)]
+            steps = range(a.step0, a.step0 + a.generated)
+            generated = [self.token(a.key, step) for step in steps]
             self.prefix.extend(a.input_ids, generated)
         a.input_ids = None
 
     def _take_inbox(self, batch: pb.IterationOutput) -> None:
         requests, cancels = self.inbox.drain()
+        keys: list[int] = []
+        if requests:
+            # Submitted without the server (tests, benchmarks): the engine id is the key.
+            with self._router_ids_lock:
+                keys = [self._router_ids.pop(r.id, r.id) for r in requests]
         c = self.counters
         asleep = self._asleep()
-        for r in requests:
+        for r, key in zip(requests, keys, strict=True):
             c.requests_received += 1
             err = asleep or check_request(r, self.limits) or check_features(r, self.features)
             if err:
@@ -313,6 +333,7 @@ class SyntheticEngine(Engine):
             else:
                 stop = frozenset(r.stop_token_ids) if r.stop_token_ids else None
                 a = _Active(r.id, len(r.input_ids), r.max_new_tokens, stop, r.min_new_tokens)
+                a.key, a.step0 = key, r.resumed_tokens
                 if r.return_prompt_logprobs:
                     ids = r.input_ids
                     a.prompt = [prompt_logprob(ids[i], i) for i in range(1, len(ids))]

@@ -373,7 +373,7 @@ class TransformersEngine(Engine):
                 matcher = self.grammar.matcher(r.grammar) if grammar and self.grammar else None
             except GrammarError as e:
                 return str(e)
-            row = RowState(list(r.input_ids), matcher)
+            row = RowState(list(r.input_ids), matcher, r.resumed_tokens)
         kwargs = {}
         if spec is not None:
             kwargs["row_spec"] = spec

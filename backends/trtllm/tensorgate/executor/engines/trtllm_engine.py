@@ -70,6 +70,19 @@ MISSING_TRTLLM = (
     f"{RELEASE_IMAGE}:<tag>. See docs/trtllm.md."
 )
 
+# A migrated request (GenerateRequest.resumed_tokens > 0) continues here as a new TensorRT-LLM
+# request whose input is the prompt plus the tokens generated before. Greedy decoding continues
+# exactly. Presence and frequency penalties already count the resumed tokens: TensorRT-LLM
+# counts every token of the sequence, the input included (SamplingConfig prompt_ignore_length,
+# whose C++ default 0 ignores none of the prompt). A seed cannot continue: SamplingConfig(seed=)
+# (request.cpp) seeds the request's sampler once, at its first step, and nothing in
+# SamplingConfig or Request offsets it, so a resumed request would draw another stream than the
+# one it left. Such a request fails rather than continue differently.
+SEEDED_RESUME = (
+    "seeded sampling cannot continue after a migration on TensorRT-LLM: its sampler is seeded "
+    "at a request's first step (SamplingConfig seed) and cannot start at step N"
+)
+
 AWAIT_TIMEOUT = datetime.timedelta(milliseconds=100)
 WARMUP_TIMEOUT_S = 600.0
 
@@ -480,6 +493,8 @@ class TrtllmEngine(Engine):
             if s.top_k > 0:
                 kwargs["top_k"] = s.top_k
             if s.HasField("seed"):
+                if r.resumed_tokens:
+                    raise ValueError(SEEDED_RESUME)
                 kwargs["seed"] = s.seed
         else:
             kwargs["top_k"] = 1  # greedy

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tensorgate.executor.engines.trtllm_engine import SEEDED_RESUME
 from tensorgate.v1 import executor_pb2 as pb
 
 # GuidedDecodingParams fields per grammar kind (sampling_params.py). Lark is llguidance's
@@ -69,6 +70,11 @@ def sampling_kwargs(
         if s.top_k > 0:
             kw["top_k"] = s.top_k
         if s.HasField("seed"):
+            if req.resumed_tokens:
+                # SamplingParams(seed=) becomes SamplingConfig(seed=): seeded once, at the
+                # request's first step (trtllm_engine.SEEDED_RESUME). Greedy and unseeded
+                # requests resume as they are; penalties already count the whole input.
+                raise RequestMappingError(SEEDED_RESUME)
             kw["seed"] = s.seed
     else:
         kw["top_k"] = 1
