@@ -112,7 +112,8 @@ pub struct Submission {
     pub request: pb::GenerateRequest,
     pub tx: mpsc::UnboundedSender<ExecutorEvent>,
     pub target: Arc<CancelTarget>,
-    /// Tokens the pool charged to the worker's load for it (released when it leaves).
+    /// Its prompt tokens, as the pool charged them to the worker's load (released when it
+    /// leaves).
     pub charge: u64,
     /// Some output has been delivered already (a migrated request).
     pub started: bool,
@@ -132,31 +133,49 @@ pub struct Orphan {
 }
 
 /// What the pool's routing reads of a worker, kept by the pool (on send) and the connection
-/// (on finish) without a round trip.
+/// (on first output and finish) without a round trip.
 #[derive(Debug, Default)]
 pub struct Load {
+    /// Requests sent and not finished.
     pub in_flight: AtomicU32,
-    /// Prompt + max_new_tokens of the requests in flight.
-    pub tokens: AtomicU64,
+    /// Prompt tokens of the requests waiting for their first token (prefill ahead).
+    pub waiting_tokens: AtomicU64,
+    /// Requests past their first token (decoding: one token each per step).
+    pub running: AtomicU32,
     /// Prompt tokens sent, and those the executor took from its prefix cache
     /// (`RequestOutput.cached_tokens`): the worker's prefix hit rate.
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
+    /// Requests routed to the worker.
     pub requests: AtomicU64,
 }
 
 impl Load {
-    pub fn charge(&self, tokens: u64, prompt_tokens: u64) {
+    /// A request of `prompt` tokens sent to the worker (`started`: a migrated one that has
+    /// produced tokens already).
+    pub fn charge(&self, prompt: u64, started: bool) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.tokens.fetch_add(tokens, Ordering::Relaxed);
-        self.prompt_tokens
-            .fetch_add(prompt_tokens, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        if started {
+            self.running.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.waiting_tokens.fetch_add(prompt, Ordering::Relaxed);
+            self.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+            self.requests.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    fn release(&self, tokens: u64) {
+    fn start(&self, prompt: u64) {
+        self.waiting_tokens.fetch_sub(prompt, Ordering::Relaxed);
+        self.running.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn release(&self, prompt: u64, started: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.tokens.fetch_sub(tokens, Ordering::Relaxed);
+        if started {
+            self.running.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.waiting_tokens.fetch_sub(prompt, Ordering::Relaxed);
+        }
     }
 }
 
@@ -286,7 +305,7 @@ impl Connection {
             self.commands.send(Command::Submit(batch))
         {
             for s in batch {
-                self.load.release(s.charge);
+                self.load.release(s.charge, s.started);
                 let _ = s.tx.send(ExecutorEvent::Disconnected(
                     "router is shutting down".into(),
                 ));
@@ -406,7 +425,7 @@ impl Dispatcher {
 
     /// A request that left this worker unfinished: to the pool (to move it), or ended.
     fn orphan(&self, id: u64, route: Route, reason: String) {
-        self.load.release(route.charge);
+        self.load.release(route.charge, route.started);
         if route.tx.is_closed() {
             return; // its client is gone: nothing to continue
         }
@@ -429,7 +448,7 @@ impl Dispatcher {
     }
 
     fn leave(&self, route: &Route) {
-        self.load.release(route.charge);
+        self.load.release(route.charge, route.started);
     }
 
     fn apply(
@@ -443,7 +462,7 @@ impl Dispatcher {
             Command::Submit(requests) => {
                 for s in requests {
                     if s.tx.is_closed() {
-                        self.load.release(s.charge);
+                        self.load.release(s.charge, s.started);
                         continue; // client left before the request was sent
                     }
                     let id = s.request.id;
@@ -496,12 +515,13 @@ impl Dispatcher {
             let done = output.finish_reason != pb::FinishReason::Unspecified as i32;
             // A closed receiver is left in place: its guard's Cancel follows and removes it.
             if let Some(route) = pending.get_mut(&id) {
-                if !route.started && output.cached_tokens > 0 {
+                if !route.started {
+                    self.load.start(route.charge);
                     self.load
                         .cached_tokens
                         .fetch_add(u64::from(output.cached_tokens), Ordering::Relaxed);
+                    route.started = true;
                 }
-                route.started = true;
                 if let Some(resume) = route.resume.as_mut() {
                     resume.generated.extend_from_slice(&output.token_ids);
                 }
@@ -809,7 +829,7 @@ mod tests {
                     })
                 }),
             };
-            d.load.charge(10, 1);
+            d.load.charge(10, started);
             pending.insert(id, route);
         }
         let outputs = [3, 4, 1, 9, 2]
@@ -854,7 +874,9 @@ mod tests {
         d.route(last, &mut pending);
         assert!(!pending.contains_key(&2));
         assert_eq!(d.load.in_flight.load(Ordering::Relaxed), 3);
-        assert_eq!(d.load.tokens.load(Ordering::Relaxed), 30);
+        // 1 and 3 decode, 4 waits for its first token with its 10 prompt tokens.
+        assert_eq!(d.load.running.load(Ordering::Relaxed), 2);
+        assert_eq!(d.load.waiting_tokens.load(Ordering::Relaxed), 10);
         assert_eq!(d.load.cached_tokens.load(Ordering::Relaxed), 16);
     }
 

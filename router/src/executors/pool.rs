@@ -476,7 +476,7 @@ impl ExecutorHandle {
                 let mut prompt = Prompt::new(&request.input_ids);
                 self.inner.policy.pick(&views, &mut prompt)
             };
-            let charge = request.input_ids.len() as u64 + u64::from(request.max_new_tokens);
+            let charge = request.input_ids.len() as u64;
             let resume = (self.inner.migration_limit > 0).then(|| {
                 Box::new(Resume {
                     original: request.clone(),
@@ -488,13 +488,10 @@ impl ExecutorHandle {
                 Some(at) => {
                     let worker = &workers[at];
                     let target = CancelTarget::new(worker.conn.commands());
-                    worker
-                        .conn
-                        .load()
-                        .charge(charge, request.input_ids.len() as u64);
+                    worker.conn.load().charge(charge, false);
                     // Later picks of this batch see it.
                     views[at].in_flight += 1;
-                    views[at].running_tokens += charge;
+                    views[at].queued_tokens += charge;
                     handles.push((RequestGuard::new(id, target.clone()), rx));
                     shares[at].push(Submission {
                         request,
@@ -593,11 +590,8 @@ impl ExecutorHandle {
             "migrating a request"
         );
         orphan.target.retarget(worker.conn.commands());
-        let charge = request.input_ids.len() as u64 + u64::from(request.max_new_tokens);
-        worker
-            .conn
-            .load()
-            .charge(charge, request.input_ids.len() as u64);
+        let charge = request.input_ids.len() as u64;
+        worker.conn.load().charge(charge, orphan.started);
         worker.conn.submit(vec![Submission {
             request,
             tx: orphan.tx,
@@ -633,8 +627,10 @@ fn view(w: &Worker) -> WorkerView {
         id: w.id,
         healthy: routable(w),
         in_flight: load.in_flight.load(Ordering::Relaxed),
-        queued_tokens: 0,
-        running_tokens: load.tokens.load(Ordering::Relaxed),
+        // Load in tokens of engine work per step: the prompts still to prefill, and one
+        // token per decoding sequence.
+        queued_tokens: load.waiting_tokens.load(Ordering::Relaxed),
+        running_tokens: u64::from(load.running.load(Ordering::Relaxed)),
         block_size: w.health.block_size.load(Ordering::Relaxed),
     }
 }

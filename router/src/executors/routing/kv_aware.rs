@@ -9,7 +9,10 @@
 //! `matched_blocks(w)` is the count of the prompt's leading usable blocks (at most
 //! `(prompt_tokens - 1) / block_size`) that the index says `w` holds. Both terms are tokens;
 //! `load_weight` (default 1) says how much a token of load weighs against a token of prefill,
-//! as Dynamo's router weighs prefill blocks against active decode blocks. Ties go round.
+//! as Dynamo's router weighs prefill blocks against active decode blocks. The pool fills the
+//! load from its own counts: the prompt tokens of the requests sent to `w` that have not had
+//! their first token (prefill ahead of this one) and one token per sequence `w` is decoding
+//! (what each step of `w` processes for them). Ties go round.
 
 use std::sync::PoisonError;
 

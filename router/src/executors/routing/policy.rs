@@ -24,9 +24,11 @@ pub struct WorkerView {
     pub healthy: bool,
     /// Requests sent to the worker and not yet finished.
     pub in_flight: u32,
-    /// Prompt tokens of requests waiting for their prefill.
+    /// Prompt tokens of requests waiting for their prefill (sent, no token back yet).
     pub queued_tokens: u64,
-    /// Tokens (prompt and generated) of the requests it is running.
+    /// Tokens the worker processes per step for the requests it is decoding: one each. A
+    /// decoding sequence slows every step a little; a prompt ahead delays a new request's
+    /// first token by its whole prefill.
     pub running_tokens: u64,
     /// `Stats.kv_block_size`; 0 for a worker that reuses no prefix.
     pub block_size: u32,
