@@ -16,11 +16,11 @@ probabilities, when asked, are deterministic too (`prompt_logprob`), on the requ
 output: no model scores anything.
 
 Prefix caching is modelled (synthetic_prefix_cache.py), so that KV-aware routing is measurable
-without a model: a request's prompt is matched against an LRU of blocks, and the iteration in
-which requests join lasts longer by the prefill of their uncached prompt tokens
-(`prefill_us_per_token` each), which delays every token of that iteration, the joiners' first
-among them, as a prefill does in an engine without chunked prefill. The blocks stored and
-evicted are published as KV-cache events.
+without a model: a request's prompt is matched against an LRU of blocks (the tokens matched are
+its first output's `cached_tokens`), and the iteration in which requests join lasts longer by
+the prefill of their uncached prompt tokens (`prefill_us_per_token` each), which delays every
+token of that iteration, the joiners' first among them, as a prefill does in an engine without
+chunked prefill. The blocks stored and evicted are published as KV-cache events.
 """
 
 from __future__ import annotations
@@ -246,15 +246,19 @@ class SyntheticEngine(Engine):
             self.live.fail_all(asleep, batch)
             self.active.clear()
             self.waiting.clear()
-        fresh: list[tuple[int, _Active]] = []  # (position among the outputs, request)
+        # Joiners whose first output carries more than a token: (position among the outputs,
+        # request, prompt tokens taken from the prefix cache).
+        fresh: list[tuple[int, _Active, int]] = []
         prefill = 0
         while self.waiting and len(self.active) < self.limits.max_batch_size:
             a = self.waiting.popleft()
-            if a.prompt is not None:
-                fresh.append((len(self.active), a))
+            cached = 0
             if a.input_ids is not None:
                 # Matched now, not on arrival: what the requests admitted before it stored counts.
-                a.uncached = a.prompt_len - self.prefix.admit(a.input_ids)
+                cached = self.prefix.admit(a.input_ids)
+                a.uncached = a.prompt_len - cached
+            if a.prompt is not None or cached:
+                fresh.append((len(self.active), a, cached))
             prefill += a.uncached
             self.active[a.rid] = a
         stalled = prefill * self.prefill_s_per_token
@@ -279,10 +283,13 @@ class SyntheticEngine(Engine):
             elif a.generated >= a.max_new:
                 out.finish_reason = _LENGTH
                 done.append((a.rid, _LENGTH))
-        for at, a in fresh:
+        for at, a, cached in fresh:
             # Its first output: the hot loop added one per active request, in `active` order.
-            batch.outputs[base + at].prompt_logprobs.extend(a.prompt)
-            a.prompt = None
+            out = batch.outputs[base + at]
+            out.cached_tokens = cached
+            if a.prompt is not None:
+                out.prompt_logprobs.extend(a.prompt)
+                a.prompt = None
         stepped = len(self.active)
         for rid, reason in done:
             a = self.active.pop(rid)

@@ -50,6 +50,7 @@ from tensorgate.executor.engines.transformers_kv_events import (
     LedgerEvents,
     transformers_hashes_match,
 )
+from tensorgate.executor.engines.transformers_prefix_hits import PrefixHits
 from tensorgate.executor.kv_events import KvEventLog
 from tensorgate.executor.live_requests import LiveRequests
 from tensorgate.executor.settings import DEFAULT_BLOCK_SIZE, EngineConfig
@@ -281,6 +282,8 @@ class TransformersEngine(Engine):
         # created.
         self.manager.logit_processor = build_processor_list(self.book, self.grammar, self.prompts)
         self.manager.output_router = _StepRouter(self._on_outputs)
+        # Prompt tokens each request takes from the prefix cache, for its first output.
+        self.prefix_hits = PrefixHits()
         self._start_manager()
         cache = self.manager.batch_processor.cache
         # The cache rounds up to whole sectors: report what was really allocated.
@@ -304,6 +307,9 @@ class TransformersEngine(Engine):
                 self.manager.stop(block=False, hard_stop=True)
                 raise EngineError("continuous batching did not set up its KV cache in time")
             time.sleep(0.01)
+        # Each start makes a new cache (a memory resume too); no request runs yet (none was
+        # accepted before the first start, and admission is closed while memory is released).
+        self.prefix_hits.install(self.manager.batch_processor.cache)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> TransformersEngine:
@@ -415,6 +421,7 @@ class TransformersEngine(Engine):
             self.manager.cancel_request(str(rid))
             self.book.forget(str(rid))
             self.prompts.forget(str(rid))
+            self.prefix_hits.forget(str(rid))
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 
@@ -510,6 +517,10 @@ class TransformersEngine(Engine):
         if not new and reason == _UNFINISHED:
             return
         out = batch.outputs.add(request_id=rid, token_ids=new, finish_reason=reason, error=error)
+        if first == 0:
+            out.cached_tokens = self.prefix_hits.take(key)
+        if reason != _UNFINISHED:
+            self.prefix_hits.forget(key)  # matched again after a preemption: not reported
         if prompt is not None and reason != pb.FINISH_REASON_ERROR:
             prompt.add_to(out, live.top_n)
         for lp in lps or ():
@@ -529,6 +540,7 @@ class TransformersEngine(Engine):
         for rid, _ in failed:
             self.book.forget(str(rid))
             self.prompts.forget(str(rid))
+            self.prefix_hits.forget(str(rid))
         if batch.outputs and self._emit is not None:
             self._emit(batch)
 

@@ -131,6 +131,8 @@ class _Live:
     prompt: list[int] | None = None  # the prompt, until its log probabilities have been sent
     generated: int = 0
     last_token: int = -1
+    prompt_len: int = 0
+    first: bool = True  # its first result (which reports the prompt's cached tokens) is to come
 
 
 def _read_json(path: Path) -> dict:
@@ -226,6 +228,8 @@ class TrtllmEngine(Engine):
             )
         self.eos_ids = eos
         self.pad_id = pad if pad is not None else (eos[0] if eos else None)
+        # Prefix reuse on: each request asks for its perf metrics, for its reused KV blocks.
+        self.block_reuse = s.enable_kv_block_reuse
 
         # ExecutorConfig / SchedulerConfig / KvCacheConfig / CapacitySchedulerPolicy:
         # TRT-LLM executorConfig.cpp and bindings.cpp. max_beam_width=1: no beam search.
@@ -528,6 +532,7 @@ class TrtllmEngine(Engine):
         end_id = -1 if r.ignore_eos or not self.eos_ids else self.eos_ids[0]
         words = sorted((eos | stop) - {end_id})
         live = _Live(r.id, end_id, eos, stop, r.return_logprobs, r.max_new_tokens)
+        live.prompt_len = len(r.input_ids)
         if r.return_prompt_logprobs:
             if not self.config.gather_context_logits:
                 raise ValueError(
@@ -548,6 +553,10 @@ class TrtllmEngine(Engine):
             output_config=t.OutputConfig(
                 return_log_probs=r.return_logprobs,
                 return_context_logits=r.return_prompt_logprobs,
+                # Result.request_perf_metrics (request.cpp), set on every result of a request
+                # that asks (LlmRequest::createResult, llmRequest.cpp): its reused KV blocks
+                # are the first output's cached_tokens.
+                return_perf_metrics=self.block_reuse,
             ),
             end_id=end_id,
             pad_id=self.pad_id if self.pad_id is not None else None,
@@ -622,6 +631,9 @@ class TrtllmEngine(Engine):
                     self.live.finish(rid, pb.FINISH_REASON_ERROR)
                     continue
                 result = resp.result
+                if live.first:
+                    live.first = False
+                    out.cached_tokens = self._cached_tokens(result, live.prompt_len)
                 if live.prompt is not None and not self._add_prompt_logprobs(out, live, result):
                     continue
                 new = list(result.output_token_ids[0]) if result.output_token_ids else []
@@ -655,6 +667,19 @@ class TrtllmEngine(Engine):
             kept.outputs.extend(outs.values())
             return kept
         return batch
+
+    def _cached_tokens(self, result, prompt_len: int) -> int:
+        """Under the lock: the prompt tokens a request's KV took from the prefix cache, from its
+        first result's RequestPerfMetrics.kv_cache_metrics.num_reused_blocks (request.cpp),
+        counted when its context is allocated (LlmRequest::updateReusedBlocksPerRequest).
+        TensorRT-LLM counts blocks, a partly reused one as whole, so this is reused blocks x
+        tokens per block (as Dynamo's TensorRT-LLM worker computes OpenAI's cached_tokens), at
+        most the prompt less its last token, which is always computed. 0 without metrics."""
+        return cached_from_reused_blocks(
+            getattr(result, "request_perf_metrics", None),
+            self._kv[3] or self.config.tokens_per_block or 0,
+            prompt_len,
+        )
 
     def _add_prompt_logprobs(self, out: pb.RequestOutput, live: _Live, result) -> bool:
         """Under the lock, on the request's first result: its prompt's log probabilities from
@@ -880,6 +905,13 @@ def claimed_features(**claimed: bool) -> EngineFeatures:
     logit_bias and ignore_eos arrive with the structured-output contract)."""
     names = {f.name for f in dataclasses.fields(EngineFeatures)}
     return EngineFeatures(**{k: v for k, v in claimed.items() if k in names})
+
+
+def cached_from_reused_blocks(metrics, tokens_per_block: int, prompt_len: int) -> int:
+    """Prompt tokens taken from the prefix cache, from a RequestPerfMetrics (None: unknown, 0)."""
+    kv = getattr(metrics, "kv_cache_metrics", None)
+    reused = int(getattr(kv, "num_reused_blocks", 0) or 0) if kv is not None else 0
+    return max(min(reused * tokens_per_block, prompt_len - 1), 0)
 
 
 def trtllm_priority(priority: int) -> float:

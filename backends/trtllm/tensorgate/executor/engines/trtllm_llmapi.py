@@ -43,6 +43,7 @@ from tensorgate.executor.engines.trtllm_config import visible_gpu_count
 from tensorgate.executor.engines.trtllm_engine import (
     ENGINE_DIR_ONLY,
     MISSING_TRTLLM,
+    cached_from_reused_blocks,
     claimed_features,
     ignored_settings,
     special_ids,
@@ -299,6 +300,7 @@ class TrtllmLlmApiEngine(Engine):
                     stop=frozenset(r.stop_token_ids),
                     logprobs=r.return_logprobs,
                     prompt=list(r.input_ids) if r.return_prompt_logprobs else None,
+                    prompt_len=len(r.input_ids),
                 )
                 self.live.add(r.id, live)
         if ready:
@@ -310,6 +312,9 @@ class TrtllmLlmApiEngine(Engine):
         kw = sampling_kwargs(
             r, self.eos_ids, self.settings.guided_decoding_backend, self.checkpoint.vocab_size
         )
+        # CompletionOutput.request_perf_metrics (result.py `_handle_sequence`): its reused KV
+        # blocks are the first output's cached_tokens (trtllm_engine.cached_from_reused_blocks).
+        kw["return_perf_metrics"] = self.settings.enable_kv_block_reuse
         guide = kw.pop("guided_decoding", None)
         if guide is not None:
             from tensorrt_llm.llmapi import GuidedDecodingParams  # sampling_params.py
@@ -384,6 +389,13 @@ class TrtllmLlmApiEngine(Engine):
                 return False
             tokens = list(output.token_ids[live.tokens_read :])
             out = self._pending_output(live.rid)
+            if live.first and (tokens or step.finished):
+                live.first = False
+                out.cached_tokens = cached_from_reused_blocks(
+                    getattr(output, "request_perf_metrics", None),
+                    self._snapshot.kv[3],
+                    live.prompt_len,
+                )
             if live.prompt is not None and (tokens or step.finished):
                 if not self._add_prompt_logprobs(out, live, step):
                     return False

@@ -35,6 +35,8 @@ class LiveRequest:
     tokens_read: int = 0
     logprobs_read: int = 0
     prompt: list[int] | None = None  # the prompt, until its log probabilities have been sent
+    prompt_len: int = 0
+    first: bool = True  # its first output (which carries cached_tokens) is to come
 
 
 def grammar_of(req: pb.GenerateRequest) -> tuple[str, str] | None:

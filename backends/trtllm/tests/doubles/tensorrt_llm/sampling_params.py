@@ -46,6 +46,8 @@ class SamplingParams:
     guided_decoding: GuidedDecodingParams | None = None
     ignore_eos: bool = False
     detokenize: bool = True
+    # Every result then carries the request's RequestPerfMetrics (executor/result.py).
+    return_perf_metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_id is None:

@@ -10,7 +10,8 @@ engine relies on, as the real bindings define them in NVIDIA/TensorRT-LLM:
   repetition/presence/frequency_penalty, min_p, ...; there is no typical_p), OutputConfig,
   Request (`input_token_ids`, `max_tokens` positional, the rest keyword-only), FinishReason
   (NOT_FINISHED, END_ID, STOP_WORDS, LENGTH, TIMED_OUT, CANCELLED), Result (is_final,
-  output_token_ids, log_probs, cum_log_probs, finish_reasons, ...), Response (request_id,
+  output_token_ids, log_probs, cum_log_probs, finish_reasons, request_perf_metrics, ...),
+  RequestPerfMetrics and its KvCacheMetrics (num_reused_blocks, ...), Response (request_id,
   has_error(), error_msg, result);
 - `cpp/tensorrt_llm/nanobind/executor/executor.cpp` (commit 1dd50d0741fa): Executor(model_path,
   model_type, executor_config), enqueue_request(s), await_responses(timeout=None | id | ids),
@@ -138,6 +139,10 @@ class DoubleSettings:
     paused_requests: int = 0
     # Prompt lengths whose results leave `context_logits` out although it was asked for.
     no_context_logits_for: set[int] = field(default_factory=set)
+    # first input token -> KV blocks its context reused from the prefix cache, reported in
+    # `Result.request_perf_metrics` when OutputConfig(return_perf_metrics=True) (the double
+    # caches nothing itself)
+    reused_blocks: dict[int, int] = field(default_factory=dict)
 
 
 TEST_DOUBLE = DoubleSettings()
@@ -487,6 +492,31 @@ class Request:
             raise RuntimeError("priority must be in [0, 1]")
         self.priority = priority
         self.guided_decoding_params = guided_decoding_params
+
+
+class KvCacheMetrics:
+    """RequestPerfMetrics::KvCacheMetrics (request.cpp): per-request block counts."""
+
+    def __init__(self) -> None:
+        self.num_total_allocated_blocks = 0
+        self.num_new_allocated_blocks = 0
+        self.num_reused_blocks = 0
+        self.num_missed_blocks = 0
+        self.kv_cache_hit_rate = 0.0
+
+
+class RequestPerfMetrics:
+    """Result.request_perf_metrics (request.cpp), set on every result of a request whose
+    OutputConfig has return_perf_metrics (LlmRequest::createResult, llmRequest.cpp). Only the KV
+    metrics are filled here."""
+
+    def __init__(self) -> None:
+        self.timing_metrics = None
+        self.kv_cache_metrics = KvCacheMetrics()
+        self.speculative_decoding = None
+        self.first_iter = None
+        self.last_iter = None
+        self.iter = None
 
 
 class Result:
@@ -903,6 +933,10 @@ class Executor:
             prompt = live.request.input_token_ids
             if len(prompt) not in TEST_DOUBLE.no_context_logits_for:
                 res.context_logits = double_context_logits(prompt, self.vocab_size)
+        if live.request.output_config.return_perf_metrics:
+            res.request_perf_metrics = RequestPerfMetrics()
+            reused = TEST_DOUBLE.reused_blocks.get(live.request.input_token_ids[0], 0)
+            res.request_perf_metrics.kv_cache_metrics.num_reused_blocks = reused
         if live.request.output_config.return_log_probs:
             # Cumulative: one per token generated so far (result.py, see the docstring).
             left_out = TEST_DOUBLE.short_log_probs.get(live.request.input_token_ids[0], 0)

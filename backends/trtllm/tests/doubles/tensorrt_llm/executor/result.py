@@ -13,7 +13,11 @@ result looks like to the caller (`tensorrt_llm/executor/result.py`, commit 005bc
 - an error from the executor reaches whoever awaits the result as an exception (the
   background error handler `_handle_response` calls);
 - `context_logits` is None until a response carries them, then kept (`_handle_response`: `if
-  response_result.context_logits is not None: self._context_logits = ...`).
+  response_result.context_logits is not None: self._context_logits = ...`);
+- `CompletionOutput.request_perf_metrics` is the executor's `RequestPerfMetrics` of the request
+  when `SamplingParams(return_perf_metrics=True)` (`_handle_sequence`: `if
+  response_tensors.request_perf_metrics is not None: output.request_perf_metrics = ...`; the
+  file at a later commit than the one above).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    request_perf_metrics: object | None = None
 
     @property
     def length(self) -> int:
@@ -54,6 +59,7 @@ class Step:
     stop_reason: int | None = None
     error: str | None = None
     context_logits: object | None = None
+    request_perf_metrics: object | None = None
 
 
 class GenerationResult:
@@ -116,6 +122,8 @@ class GenerationResult:
             self._context_logits = step.context_logits
         out = self._outputs[0]
         out.token_ids.extend(step.tokens)
+        if step.request_perf_metrics is not None:
+            out.request_perf_metrics = step.request_perf_metrics
         if step.logprobs is not None:
             out.logprobs = out.logprobs + [
                 {t: Logprob(lp, 1)} for t, lp in zip(step.tokens, step.logprobs, strict=True)

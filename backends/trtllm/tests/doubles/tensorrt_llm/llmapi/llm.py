@@ -48,7 +48,10 @@ that still has both backends, unless said otherwise):
 - `SamplingParams(return_context_logits=True)`: the request's first response carries the
   prompt's context logits, [prompt tokens, vocab] (the PyTorch executor gathers them for a
   context request that asks: `_torch/pyexecutor/py_executor.py` `_forward_step`); the double's
-  values are the executor double's `double_context_logits`.
+  values are the executor double's `double_context_logits`;
+- `SamplingParams(return_perf_metrics=True)`: every response carries the request's
+  `RequestPerfMetrics`, whose `kv_cache_metrics.num_reused_blocks` counts the prompt's blocks
+  reused from the prefix cache (the double reports `TEST_DOUBLE.reused_blocks`).
 
 NOT reproduced: any model (tokens are a deterministic function of the prompt and step), CUDA,
 MPI or Ray processes, detokenization, beam search, speculative decoding, LoRA, multimodal input,
@@ -69,7 +72,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tensorrt_llm.bindings.executor import double_context_logits
+from tensorrt_llm.bindings.executor import RequestPerfMetrics, double_context_logits
 from tensorrt_llm.executor.result import GenerationResult, Step
 from tensorrt_llm.sampling_params import SamplingParams
 
@@ -142,6 +145,9 @@ class DoubleSettings:
     drain_timeout_s: float = 5.0
     # Prompt lengths whose first response leaves the context logits out although asked for.
     no_context_logits_for: set[int] = field(default_factory=set)
+    # first prompt token -> KV blocks its context reused, in the request's perf metrics when
+    # SamplingParams(return_perf_metrics=True) (the double caches nothing itself)
+    reused_blocks: dict[int, int] = field(default_factory=dict)
 
 
 TEST_DOUBLE = DoubleSettings()
@@ -410,12 +416,20 @@ class LLM:
         if step == 0 and sp.return_context_logits:
             if len(live.prompt) not in TEST_DOUBLE.no_context_logits_for:
                 ctx = double_context_logits(live.prompt, self.vocab_size)
+        perf = None
+        if sp.return_perf_metrics:
+            perf = RequestPerfMetrics()
+            reused = TEST_DOUBLE.reused_blocks.get(live.prompt[0], 0)
+            perf.kv_cache_metrics.num_reused_blocks = reused
         if token in (sp.stop_token_ids or []) and not held:
             stop = Step([token], lp, finish_reason="stop", stop_reason=token, context_logits=ctx)
+            stop.request_perf_metrics = perf
             return self._end(live, stop)
         if len(live.generated) >= max_tokens:
-            return self._end(live, Step([token], lp, finish_reason="length", context_logits=ctx))
-        live.result._put(Step([token], lp, context_logits=ctx))
+            end = Step([token], lp, finish_reason="length", context_logits=ctx)
+            end.request_perf_metrics = perf
+            return self._end(live, end)
+        live.result._put(Step([token], lp, context_logits=ctx, request_perf_metrics=perf))
 
     def _token(self, live: _Live, step: int) -> int:
         if TEST_DOUBLE.token_fn is not None:
