@@ -33,6 +33,7 @@ import grpc
 from tensorgate import __version__
 from tensorgate.executor.control import ControlError, ControlResult
 from tensorgate.executor.engine import Engine, add_finished
+from tensorgate.executor.remote import RemoteListen, SecretCheck, server_credentials
 from tensorgate.v1 import executor_pb2 as pb
 from tensorgate.v1 import executor_pb2_grpc as pb_grpc
 
@@ -47,7 +48,7 @@ _CLOSED = None  # queue sentinel: this connection's stream is over
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # What the executor accepts: gRPC's own ceiling (a signed 32-bit length), so that the limit that
 # counts is the router's --rl-max-payload-bytes (1 GiB by default) on UpdateWeights. Only the
-# router can connect (a 0600 socket, or loopback).
+# router can connect (a 0600 socket, loopback, or TLS with the shared secret).
 MAX_RECEIVE_MESSAGE_BYTES = 2**31 - 1
 
 
@@ -311,26 +312,62 @@ def _listen_private(server: grpc.aio.Server, uds_path: Path) -> None:
         os.umask(old_umask)
 
 
-async def serve(engine: Engine, uds_path: Path, port: int | None, stop: asyncio.Event) -> None:
-    """Serves `engine` until `stop` is set, then shuts the engine and the server down."""
+class ListenError(Exception):
+    """An address could not be bound; the message names it."""
+
+
+def _listen_tls(server: grpc.aio.Server, remote: RemoteListen) -> None:
+    try:
+        bound = server.add_secure_port(remote.address, server_credentials(remote))
+    except RuntimeError as e:  # grpcio raises for a bad address, key or certificate
+        raise ListenError(f"cannot listen with TLS on {remote.address}: {e}") from None
+    if not bound:
+        raise ListenError(
+            f"cannot listen with TLS on {remote.address}: the address is in use or not this "
+            "host's, or the certificate and key do not match"
+        )
+
+
+async def serve(
+    engine: Engine,
+    uds_path: Path | None,
+    port: int | None,
+    stop: asyncio.Event,
+    remote: RemoteListen | None = None,
+) -> None:
+    """Serves `engine` until `stop` is set, then shuts the engine and the server down. On the
+    unix socket `uds_path`, on 127.0.0.1:`port` (plaintext, loopback only), and with `remote`
+    on a TCP address with TLS, where every call on every address must carry its secret."""
+    if uds_path is None and remote is None:
+        raise ListenError("nothing to listen on: give a unix socket or a TLS address")
     loop = asyncio.get_running_loop()
     service = ExecutorService(engine, loop)
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-        ]
+        ],
+        interceptors=[SecretCheck(remote.secret)] if remote is not None else None,
     )
     pb_grpc.add_ExecutorServicer_to_server(service, server)
-    _listen_private(server, uds_path)
+    where = []
+    if remote is not None:
+        # First: a refused address then leaves no socket file behind.
+        _listen_tls(server, remote)
+        where.append(f"{remote.address} (TLS, shared secret)")
+    if uds_path is not None:
+        _listen_private(server, uds_path)
+        where.append(f"unix:{uds_path}")
     if port:
         # Opt-in only, on loopback: nothing listens on the network by default.
         server.add_insecure_port(f"127.0.0.1:{port}")
+        where.append(f"127.0.0.1:{port}")
     await server.start()
-    os.chmod(uds_path, 0o600)  # in case the socket was created elsewhere than at bind
+    if uds_path is not None:
+        os.chmod(uds_path, 0o600)  # in case the socket was created elsewhere than at bind
     engine.start(service.emit)
     service.ready = True
-    log.info("executor ready on unix:%s%s", uds_path, f" and 127.0.0.1:{port}" if port else "")
+    log.info("executor ready on %s", " and ".join(where))
     await stop.wait()
     log.info("shutting down")
     service.ready = False
@@ -339,4 +376,5 @@ async def serve(engine: Engine, uds_path: Path, port: int | None, stop: asyncio.
     await loop.run_in_executor(None, engine.shutdown)
     service.close_all()
     await server.stop(grace=5)
-    uds_path.unlink(missing_ok=True)
+    if uds_path is not None:
+        uds_path.unlink(missing_ok=True)
