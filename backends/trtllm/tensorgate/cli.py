@@ -1,4 +1,4 @@
-"""`tensorgate serve`: resolve the model, start the executor, wait for it, run the router."""
+"""`tensorgate serve`: resolve the model, start the executor(s), wait for them, run the router."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import sys
 from pathlib import Path
 
 from tensorgate.executor.settings import ENGINE_NAMES, ExecutorSettings, add_arguments
+from tensorgate.launcher.data_parallel import (
+    DEFAULT_MIGRATION_LIMIT,
+    DEFAULT_ROUTING,
+    ROUTING_POLICIES,
+    DataParallelError,
+    layout,
+    router_pool_args,
+    socket_paths,
+    visible_gpus,
+)
 from tensorgate.log_setup import setup_logging
 
 ENGINES = ("auto", *ENGINE_NAMES)
@@ -17,6 +27,19 @@ RL_MAX_PAYLOAD_BYTES = 1 << 30
 # Keys reach the router by environment only: a command line is visible to every user (ps).
 API_KEY_ENV = "TENSORGATE_API_KEY"
 RL_CONTROL_KEY_ENV = "TENSORGATE_RL_CONTROL_KEY"
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def build_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +110,36 @@ def build_serve_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="allow this origin by CORS (repeatable; * for any). Default: CORS off",
     )
-    s.add_argument("--executor-socket", type=Path, help="unix socket path for the executor")
+    s.add_argument(
+        "--executor-socket",
+        type=Path,
+        help="unix socket path for the executor (several: NAME-0.sock, NAME-1.sock, ... beside it)",
+    )
+    s.add_argument(
+        "--data-parallel-size",
+        type=_at_least(1),
+        default=1,
+        help="executors of the model behind the router, each on its own socket and, on CUDA, "
+        "its own GPUs; each is restarted on its own if it dies (default 1)",
+    )
+    s.add_argument(
+        "--gpus-per-executor",
+        type=_at_least(1),
+        help="on CUDA, GPUs per executor: executor i gets the visible GPUs i*G..i*G+G-1 as its "
+        "CUDA_VISIBLE_DEVICES (default 1 with several executors; one executor keeps every GPU)",
+    )
+    s.add_argument(
+        "--routing",
+        choices=ROUTING_POLICIES,
+        help=f"how the router picks an executor (default {DEFAULT_ROUTING}; passed to the "
+        "router with several executors or when given)",
+    )
+    s.add_argument(
+        "--migration-limit",
+        type=_at_least(0),
+        help="times a request may move to another executor when its own is lost (default "
+        f"{DEFAULT_MIGRATION_LIMIT}; 0: never)",
+    )
     s.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -131,14 +183,13 @@ def _executor_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
     return args
 
 
-def _router_args(a: argparse.Namespace, source, socket: Path) -> list[str]:
+def _router_args(a: argparse.Namespace, source, sockets: list[Path]) -> list[str]:
     args = [
         "--hostname",
         a.hostname,
         "--port",
         str(a.port),
-        "--executor-socket",
-        str(socket),
+        *router_pool_args(sockets, a.routing, a.migration_limit),
         "--tokenizer",
         str(source.tokenizer_dir),
         "--model-id",
@@ -208,7 +259,6 @@ def serve(a: argparse.Namespace) -> int:
     from tensorgate.launcher.model_source import ModelSourceError, resolve
     from tensorgate.launcher.supervisor import (
         LaunchError,
-        LaunchPlan,
         Supervisor,
         default_socket_path,
     )
@@ -222,29 +272,67 @@ def serve(a: argparse.Namespace) -> int:
     except ModelSourceError as e:
         print(f"tensorgate: {e}", file=sys.stderr)
         return 2
-    owned = []
-    if a.executor_socket is not None:
-        socket = a.executor_socket
-    else:
-        socket, socket_dir = default_socket_path()
-        owned.append(socket_dir)
-    plan = LaunchPlan(
-        executor_args=_executor_args(a, source, socket),
-        router_args=_router_args(a, source, socket),
-        # The keys go to the router by environment, never argv (visible to every user in ps).
-        router_env=router_env(a),
-        socket_path=socket,
-        shutdown_timeout=a.shutdown_timeout,
-        owned_dirs=owned,
-    )
+    try:
+        plan = launch_plan(a, source, default_socket_path)
+    except DataParallelError as e:
+        print(f"tensorgate: {e}", file=sys.stderr)
+        return 2
+    n = a.data_parallel_size
     logging.getLogger("tensorgate.launcher").info(
-        "serving %s with the %s engine", source.model_id, source.engine
+        "serving %s with the %s engine%s",
+        source.model_id,
+        source.engine,
+        f" on {n} executors" if n > 1 else "",
     )
     try:
         return Supervisor(plan).run()
     except LaunchError as e:
         print(f"tensorgate: {e}", file=sys.stderr)
         return 1
+
+
+def launch_plan(a: argparse.Namespace, source, make_socket_dir, gpus: list[str] | None = None):
+    """What to start: each executor's arguments, socket and GPUs, and the router's arguments.
+    `make_socket_dir` gives (socket, its fresh private directory) when no --executor-socket
+    was given; `gpus` are the GPUs to hand out (default: the visible ones)."""
+    from tensorgate.launcher.supervisor import ExecutorLaunch, LaunchPlan
+
+    n = a.data_parallel_size
+    if n > 1 and a.executor_port is not None:
+        raise DataParallelError(
+            f"--executor-port cannot serve {n} executors (each would need a port of its own); "
+            "leave it out with --data-parallel-size"
+        )
+    owned = []
+    if a.executor_socket is None:
+        socket, socket_dir = make_socket_dir()
+        owned.append(socket_dir)
+        default_dir = socket.parent
+    else:
+        default_dir = a.executor_socket.parent
+    sockets = socket_paths(n, a.executor_socket, default_dir)
+    gpus = visible_gpus() if gpus is None else gpus
+    executors = [
+        ExecutorLaunch(_executor_args(a, source, e.socket), e.socket, e.env)
+        for e in layout(n, a.gpus_per_executor, source.engine, a.device, sockets, gpus)
+    ]
+    if a.gpus_per_executor is not None and not executors[0].env:
+        logging.getLogger("tensorgate.launcher").warning(
+            "--gpus-per-executor is ignored: the %s engine's executors run on the CPU",
+            source.engine,
+        )
+    first = executors[0]
+    return LaunchPlan(
+        executor_args=first.args,
+        router_args=_router_args(a, source, sockets),
+        # The keys go to the router by environment, never argv (visible to every user in ps).
+        router_env=router_env(a),
+        socket_path=first.socket_path,
+        shutdown_timeout=a.shutdown_timeout,
+        owned_dirs=owned,
+        executor_env=first.env,
+        more_executors=executors[1:],
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ def serve_namespace(argv: list[str], monkeypatch) -> object:
 
 def router_argv(a, tmp_path) -> list[str]:
     source = ModelSource(tmp_path, tmp_path, "synthetic", "m")
-    return cli._router_args(a, source, tmp_path / "s.sock")
+    return cli._router_args(a, source, [tmp_path / "s.sock"])
 
 
 def test_off_by_default_and_nothing_is_handed_on(tmp_path, monkeypatch):
