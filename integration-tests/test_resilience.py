@@ -597,7 +597,11 @@ def test_metrics_count_what_happened(tmp_path):
         assert metric_value(text, "tensorgate_requests_in_flight") == 0
         assert metric_value(text, "tensorgate_requests_running") == 0
         assert metric_value(text, "tensorgate_queue_duration_seconds_count") == 4
-        assert metric_value(text, "tensorgate_executor_connected") == 1
+        worker = f'worker="unix://{server.socket_path}"'
+        assert metric_value(text, "tensorgate_executor_connected", worker) == 1
+        assert metric_value(text, "tensorgate_worker_healthy", worker) == 1
+        assert metric_value(text, "tensorgate_worker_requests_routed_total", worker) == 4
+        assert metric_value(text, "tensorgate_worker_requests_in_flight", worker) == 0
         for name in (
             "tensorgate_kv_cache_usage_ratio",
             "tensorgate_executor_batch_size",

@@ -1,8 +1,8 @@
 """The bytes of fixed streams, against a recording: the router's hot path (detokenization,
 stop-sequence scan, SSE and JSON rendering) may be rewritten for speed, never for output.
 
-A fresh server on the synthetic engine is fully determined: its token for request r at step s
-is a fixed function of (r, s), and the router numbers requests from 1. Each case's raw HTTP body
+A fresh server on the synthetic engine is fully determined: its token at step s is a fixed
+function of the prompt and s. Each case's raw HTTP body
 is compared byte for byte with integration-tests/golden/streams.txt, with only what is meant to
 vary masked (the random completion id and the `created` clock). To record again after a
 deliberate change of output:
@@ -22,7 +22,7 @@ from conftest import synthetic_server
 
 GOLDEN = Path(__file__).parent / "golden" / "streams.txt"
 
-# In order: the synthetic engine's tokens depend on the request's number.
+# The synthetic engine's tokens depend on the prompt: a stop sequence is chosen from its text.
 CASES: list[tuple[str, dict]] = [
     ("/generate_stream", {"inputs": "Hello there", "parameters": {"max_new_tokens": 80}}),
     (
@@ -54,7 +54,7 @@ CASES: list[tuple[str, dict]] = [
             "messages": [{"role": "user", "content": "stop me"}],
             "max_tokens": 80,
             "stream": True,
-            "stop": ["Queen", "zzqq"],
+            "stop": ["imperative", "zzqq"],
         },
     ),
     (

@@ -16,7 +16,7 @@ from test_server import Stream, connect
 
 from tensorgate.executor.engine import EngineLimits, check_request
 from tensorgate.executor.engines.cb_penalties import TokenHistory
-from tensorgate.executor.engines.synthetic import SyntheticEngine
+from tensorgate.executor.engines.synthetic import SyntheticEngine, stream_key
 from tensorgate.executor.server import serve
 from tensorgate.v1 import executor_pb2 as pb
 from tensorgate.v1 import executor_pb2_grpc as pb_grpc
@@ -78,7 +78,7 @@ def test_synthetic_resume_continues_the_stream(synthetic, collector):
     synthetic.submit([first])
     collector.wait_finished([7])
     whole = collector.tokens[7]
-    assert whole == [synthetic.token(7, s) for s in range(K)]
+    assert whole == [synthetic.token(stream_key(PROMPT), s) for s in range(K)]
     # Same id: a fresh collector, as a second executor would have.
     again = Collector()
     other = SyntheticEngine(iteration_ms=2, max_batch_size=8)
@@ -119,9 +119,10 @@ def served_synthetic(tmp_path):
     thread.join(timeout=20)
 
 
-def test_synthetic_resume_through_the_server_keys_by_the_router_id(served_synthetic):
-    """The server gives the engine its own ids; the stream follows the router's, which a
-    migrated request keeps, whatever engine id it gets on its next executor."""
+def test_synthetic_resume_through_the_server_keys_by_the_prompt(served_synthetic):
+    """The server gives the engine its own ids; the stream follows the prompt, which a migrated
+    request keeps (its input less the resumed tokens), whatever id it gets on its next
+    executor."""
     stub, engine = served_synthetic
     first = pb.GenerateRequest(id=42, input_ids=PROMPT, max_new_tokens=K)
     s = Stream(stub)
@@ -132,7 +133,7 @@ def test_synthetic_resume_through_the_server_keys_by_the_router_id(served_synthe
     s.send(pb.GenerateCommand(requests=[first]))
     s.read_until(lambda: 42 in s.finish)
     whole = s.tokens[42]
-    assert whole == [engine.token(42, step) for step in range(K)]
+    assert whole == [engine.token(stream_key(PROMPT), step) for step in range(K)]
     s2 = Stream(stub)
     s2.send(pb.GenerateCommand(requests=[resumed(first, whole, J)]))
     s2.read_until(lambda: 42 in s2.finish)

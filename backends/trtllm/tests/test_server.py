@@ -154,9 +154,10 @@ def test_two_connections_may_reuse_ids(executor):
     assert len(a.tokens[1]) == 2 and a.finish[1] == pb.FINISH_REASON_LENGTH
     assert b.finish[1] == pb.FINISH_REASON_CANCELLED
     # The engine ran two distinct requests. Their tokens are the same: the synthetic stream is
-    # keyed by the router's id, which a migrated request keeps from one connection to another.
+    # keyed by the prompt (as a greedy model's output is a function of its input).
     assert engine.stats().requests_received == 2
-    assert a.tokens[1] == b.tokens[1][:2]
+    n = min(len(a.tokens[1]), len(b.tokens[1]))
+    assert a.tokens[1][:n] == b.tokens[1][:n]
 
 
 def test_half_close_still_delivers_every_output_then_ends(executor):

@@ -6,16 +6,26 @@ import time
 
 import pytest
 
-from tensorgate.executor.engines.synthetic import SyntheticEngine
+from tensorgate.executor.engines.synthetic import SyntheticEngine, stream_key
 from tensorgate.v1 import executor_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def req(rid: int, n: int = 4, prompt: int = 3, stop=()) -> pb.GenerateRequest:
+    """Request `rid`, whose prompt starts with its id: requests' prompts (and tokens) differ."""
     return pb.GenerateRequest(
-        id=rid, input_ids=list(range(1, prompt + 1)), max_new_tokens=n, stop_token_ids=stop
+        id=rid, input_ids=prompt_of(rid, prompt), max_new_tokens=n, stop_token_ids=stop
     )
+
+
+def prompt_of(rid: int, prompt: int = 3) -> list[int]:
+    return [rid, *range(1, prompt)][:prompt]
+
+
+def key(rid: int, prompt: int = 3) -> int:
+    """The token stream key of `req(rid, prompt=prompt)`."""
+    return stream_key(prompt_of(rid, prompt))
 
 
 @pytest.fixture
@@ -42,7 +52,7 @@ def test_one_token_per_request_per_iteration(run_engine, collector):
     # Both advance in the same iterations: 5 messages, not 10.
     assert collector.batches == 5
     # Deterministic, different per request, inside the vocabulary.
-    assert collector.tokens[1] == [engine.token(1, s) for s in range(5)]
+    assert collector.tokens[1] == [engine.token(key(1), s) for s in range(5)]
     assert collector.tokens[1] != collector.tokens[2]
     assert all(0 <= t < engine.vocab_size for t in collector.tokens[1] + collector.tokens[2])
 
@@ -90,10 +100,10 @@ def test_cancel_ends_with_cancelled_and_counts(run_engine, collector):
 
 def test_stop_token_ids_end_generation(run_engine, collector):
     engine = run_engine(iteration_ms=1)
-    stop_at = engine.token(1, 3)
+    stop_at = engine.token(key(1), 3)
     engine.submit([req(1, n=50, stop=[stop_at])])
     collector.wait_finished([1])
-    assert collector.tokens[1] == [engine.token(1, s) for s in range(4)]
+    assert collector.tokens[1] == [engine.token(key(1), s) for s in range(4)]
     assert collector.finish[1] == pb.FINISH_REASON_STOP_TOKEN
 
 
@@ -136,13 +146,13 @@ def test_sustains_tens_of_thousands_of_tokens_per_second(run_engine, collector):
 
 def test_min_new_tokens_holds_off_stop_tokens(run_engine, collector):
     engine = run_engine(iteration_ms=1, max_batch_size=8)
-    early, late = engine.token(1, 1), engine.token(1, 5)
+    early, late = engine.token(key(1), 1), engine.token(key(1), 5)
     r = req(1, n=10, stop=(early, late))
     r.min_new_tokens = 4
-    engine.submit([r, req(2, n=10, stop=(engine.token(2, 1),))])
+    engine.submit([r, req(2, n=10, stop=(engine.token(key(2), 1),))])
     collector.wait_finished([1, 2])
     # The stop id at step 1 comes before min_new_tokens: it is emitted and generation goes on.
-    assert collector.tokens[1] == [engine.token(1, s) for s in range(6)]
+    assert collector.tokens[1] == [engine.token(key(1), s) for s in range(6)]
     assert collector.finish[1] == pb.FINISH_REASON_STOP_TOKEN
     assert len(collector.tokens[2]) == 2 and collector.finish[2] == pb.FINISH_REASON_STOP_TOKEN
 
@@ -155,7 +165,7 @@ def test_claims_only_what_it_honours_and_refuses_the_rest(run_engine, collector)
     ignoring = req(1, n=3)
     ignoring.ignore_eos = True
     biased = req(2, n=3)
-    biased.logit_bias[engine.token(2, 0)] = -100.0
+    biased.logit_bias[engine.token(key(2), 0)] = -100.0
     guided = req(3, n=3)
     guided.grammar.kind = pb.GRAMMAR_KIND_REGEX
     guided.grammar.value = "[a-z]+"

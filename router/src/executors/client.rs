@@ -112,8 +112,8 @@ pub struct Submission {
     pub request: pb::GenerateRequest,
     pub tx: mpsc::UnboundedSender<ExecutorEvent>,
     pub target: Arc<CancelTarget>,
-    /// Its prompt tokens, as the pool charged them to the worker's load (released when it
-    /// leaves).
+    /// Its prompt tokens the worker has to prefill (those its cache is not expected to hold),
+    /// as the pool charged them to the worker's load (released when it leaves).
     pub charge: u64,
     /// Some output has been delivered already (a migrated request).
     pub started: bool,
@@ -151,14 +151,14 @@ pub struct Load {
 }
 
 impl Load {
-    /// A request of `prompt` tokens sent to the worker (`started`: a migrated one that has
-    /// produced tokens already).
-    pub fn charge(&self, prompt: u64, started: bool) {
+    /// A request of `prompt` tokens, `prefill` of them to compute, sent to the worker
+    /// (`started`: a migrated one that has produced tokens already).
+    pub fn charge(&self, prefill: u64, prompt: u64, started: bool) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if started {
             self.running.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.waiting_tokens.fetch_add(prompt, Ordering::Relaxed);
+            self.waiting_tokens.fetch_add(prefill, Ordering::Relaxed);
             self.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
             self.requests.fetch_add(1, Ordering::Relaxed);
         }
@@ -829,7 +829,7 @@ mod tests {
                     })
                 }),
             };
-            d.load.charge(10, started);
+            d.load.charge(10, 12, started);
             pending.insert(id, route);
         }
         let outputs = [3, 4, 1, 9, 2]

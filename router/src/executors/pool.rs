@@ -472,11 +472,17 @@ impl ExecutorHandle {
             let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
             request.id = id;
             let (tx, rx) = mpsc::unbounded_channel();
-            let pick = {
+            // What the worker must prefill: the prompt less what its cache is expected to hold.
+            let (pick, charge) = {
                 let mut prompt = Prompt::new(&request.input_ids);
-                self.inner.policy.pick(&views, &mut prompt)
+                let pick = self.inner.policy.pick(&views, &mut prompt);
+                let cached = pick
+                    .and_then(|id| views.iter().find(|v| v.id == id))
+                    .map_or(0, |v| {
+                        self.inner.policy.expected_cached_tokens(v, &mut prompt)
+                    });
+                (pick, request.input_ids.len().saturating_sub(cached) as u64)
             };
-            let charge = request.input_ids.len() as u64;
             let resume = (self.inner.migration_limit > 0).then(|| {
                 Box::new(Resume {
                     original: request.clone(),
@@ -488,7 +494,10 @@ impl ExecutorHandle {
                 Some(at) => {
                     let worker = &workers[at];
                     let target = CancelTarget::new(worker.conn.commands());
-                    worker.conn.load().charge(charge, false);
+                    worker
+                        .conn
+                        .load()
+                        .charge(charge, request.input_ids.len() as u64, false);
                     // Later picks of this batch see it.
                     views[at].in_flight += 1;
                     views[at].queued_tokens += charge;
@@ -591,7 +600,7 @@ impl ExecutorHandle {
         );
         orphan.target.retarget(worker.conn.commands());
         let charge = request.input_ids.len() as u64;
-        worker.conn.load().charge(charge, orphan.started);
+        worker.conn.load().charge(charge, charge, orphan.started);
         worker.conn.submit(vec![Submission {
             request,
             tx: orphan.tx,

@@ -215,12 +215,6 @@ class Engine(abc.ABC):
     def health(self) -> tuple[bool, str]:
         return True, ""
 
-    def bind_router_ids(self, ids: dict[int, int]) -> None:
-        """Engine id -> the router's id, for requests about to be submitted (called just before
-        `submit`). An engine whose output depends on a request's identity (synthetic) keys it by
-        the router's id, which a migrated request keeps on its next executor; others ignore it."""
-        del ids
-
     def kv_cache_event_batch(self) -> pb.KvCacheEventBatch | None:
         """The KV-cache events published since the last call, oldest first (may be empty);
         None when this engine publishes none (the RPC then answers UNIMPLEMENTED)."""

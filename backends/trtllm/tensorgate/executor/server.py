@@ -261,7 +261,6 @@ class ExecutorService(pb_grpc.ExecutorServicer):
 
     def _submit(self, requests, conn: _Connection) -> None:
         accepted = []
-        router_ids: dict[int, int] = {}
         for r in requests:
             if r.id in conn.ids:
                 dup = pb.IterationOutput(iteration=self._iteration)
@@ -277,11 +276,9 @@ class ExecutorService(pb_grpc.ExecutorServicer):
             engine_id = next(self._engine_ids)
             self._owners[engine_id] = (conn, r.id)
             conn.ids[r.id] = engine_id
-            router_ids[engine_id] = r.id
             r.id = engine_id
             accepted.append(r)
         if accepted:
-            self.engine.bind_router_ids(router_ids)
             self.engine.submit(accepted)
 
     def _drop_connection(self, conn: _Connection) -> None:

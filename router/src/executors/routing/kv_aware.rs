@@ -76,6 +76,15 @@ impl RoutingPolicy for KvAware {
         }
         self.ties.best(&scored, f64::total_cmp)
     }
+
+    fn expected_cached_tokens(&self, worker: &WorkerView, prompt: &mut Prompt<'_>) -> usize {
+        if worker.block_size == 0 {
+            return 0;
+        }
+        let hashes = prompt.block_hashes(worker.block_size);
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        index.matched_prefix_blocks(worker.id, hashes) * worker.block_size as usize
+    }
 }
 
 #[cfg(test)]

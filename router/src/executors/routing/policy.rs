@@ -88,6 +88,12 @@ pub trait RoutingPolicy: Send + Sync {
     /// A healthy worker among `workers` for a request with this prompt; `None` when none is
     /// healthy.
     fn pick(&self, workers: &[WorkerView], prompt: &mut Prompt<'_>) -> Option<WorkerId>;
+
+    /// The prompt tokens `worker` is expected to take from its prefix cache, as far as the
+    /// policy knows (the pool counts only the rest as prefill work waiting on the worker).
+    fn expected_cached_tokens(&self, _worker: &WorkerView, _prompt: &mut Prompt<'_>) -> usize {
+        0
+    }
 }
 
 /// A rotating start among equally good workers: each pick that ties begins one further along,

@@ -1,11 +1,12 @@
 """A model-free engine with a fixed cadence: one token per active request per iteration.
 
 It exists to measure the stack alone, at the token rates TensorRT-LLM reaches, so an iteration
-is built straight into one protobuf message. Token ids are deterministic (a function of the
-router's request id and the step) and never an eos id; requests beyond the batch capacity wait,
-FIFO. A resumed request (GenerateRequest.resumed_tokens = N, migrated from a lost executor under
-the same router id) continues at step N, so it emits what the first executor would have; its
-whole input, resumed tokens included, is its prompt (for the prefix cache and prefill).
+is built straight into one protobuf message. Token ids are deterministic, a function of the
+prompt and the step (as a greedy model's are of its input), and never an eos id; requests beyond
+the batch capacity wait, FIFO. A resumed request (GenerateRequest.resumed_tokens = N, migrated
+from a lost executor) is keyed by its prompt less those N tokens and continues at step N, so it
+emits what the first executor would have; its whole input, resumed tokens included, is its
+prompt for the prefix cache and prefill.
 
 Rollout control works as state, for load tests of the control path: memory tags are marked
 released and resumed (generation is refused meanwhile, and requests live at a release are
@@ -25,9 +26,11 @@ chunked prefill. The blocks stored and evicted are published as KV-cache events.
 
 from __future__ import annotations
 
+import array
 import collections
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +85,7 @@ class _Active:
     stop: frozenset[int] | None
     min_new: int = 0  # a stop token before this many tokens does not end the request
     generated: int = 0  # here, not counting resumed tokens
-    key: int = 0  # the router's id: the token stream's key (the same on every executor)
+    key: int = 0  # the token stream's key: its prompt's (the same on every executor)
     step0: int = 0  # resumed tokens: the stream continues at this step
     prompt: list[float] | None = None  # prompt log probabilities, until the first output
     input_ids: list[int] | None = None  # kept for the prefix cache, until admission
@@ -131,9 +134,6 @@ class SyntheticEngine(Engine):
             max_num_tokens=max_batch_size * max_total_tokens,
         )
         self.inbox = Inbox()
-        # Engine id -> router id, from the server thread until the loop takes the request in.
-        self._router_ids: dict[int, int] = {}
-        self._router_ids_lock = threading.Lock()
         # Only the loop's thread touches these: no lock.
         self.live: LiveRequests[_Active] = LiveRequests(self.counters)  # waiting or running
         self.waiting: collections.deque[_Active] = collections.deque()
@@ -195,13 +195,9 @@ class SyntheticEngine(Engine):
     def cancel(self, request_ids: list[int]) -> None:
         self.inbox.put_cancels(request_ids)
 
-    def bind_router_ids(self, ids: dict[int, int]) -> None:
-        with self._router_ids_lock:
-            self._router_ids.update(ids)
-
     def token(self, key: int, step: int) -> int:
-        """The token of the request whose router id is `key` at `step` (resumed tokens
-        included)."""
+        """The token at `step` (resumed tokens included) of the request whose prompt has the
+        stream key `key` (`stream_key`)."""
         return self._low + (key * 7919 + step * 104729) % self._span
 
     def _loop(self, emit: Emit) -> None:
@@ -319,14 +315,9 @@ class SyntheticEngine(Engine):
 
     def _take_inbox(self, batch: pb.IterationOutput) -> None:
         requests, cancels = self.inbox.drain()
-        keys: list[int] = []
-        if requests:
-            # Submitted without the server (tests, benchmarks): the engine id is the key.
-            with self._router_ids_lock:
-                keys = [self._router_ids.pop(r.id, r.id) for r in requests]
         c = self.counters
         asleep = self._asleep()
-        for r, key in zip(requests, keys, strict=True):
+        for r in requests:
             c.requests_received += 1
             err = asleep or check_request(r, self.limits) or check_features(r, self.features)
             if err:
@@ -340,7 +331,7 @@ class SyntheticEngine(Engine):
             else:
                 stop = frozenset(r.stop_token_ids) if r.stop_token_ids else None
                 a = _Active(r.id, len(r.input_ids), r.max_new_tokens, stop, r.min_new_tokens)
-                a.key, a.step0 = key, r.resumed_tokens
+                a.key, a.step0 = stream_key(r.input_ids, r.resumed_tokens), r.resumed_tokens
                 if r.return_prompt_logprobs:
                     ids = r.input_ids
                     a.prompt = [prompt_logprob(ids[i], i) for i in range(1, len(ids))]
@@ -516,6 +507,13 @@ class SyntheticEngine(Engine):
         self.inbox.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def stream_key(input_ids, resumed_tokens: int = 0) -> int:
+    """The key of a request's token stream: a checksum of its prompt (its input less the
+    tokens it resumes with). A checksum, not the ids themselves: one pass in C per request."""
+    prompt = input_ids[: len(input_ids) - resumed_tokens]
+    return zlib.crc32(array.array("I", prompt).tobytes())
 
 
 def prompt_logprob(token: int, position: int) -> float:

@@ -1,0 +1,204 @@
+"""One router, many executors (issue 18), as real processes: synthetic executors with the
+prefix-cache model behind one router. KV-aware routing against round-robin and an oracle on a
+multi-turn chat workload; kill -9 of an executor under load with migration; a worker that joins
+at run time; a slow worker."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from fleet import fleet, start_executor, wait_workers
+
+USERS = 12
+TURNS = 4
+SYSTEM_TOKENS = 1024
+TURN_TOKENS = 64
+REPLY_TOKENS = 16
+
+
+def stream(url: str, ids: list[int], max_new_tokens: int) -> tuple[float, list[int], dict]:
+    """/generate_stream on token ids: (time to first token, token ids, last event)."""
+    start = time.monotonic()
+    ttft = None
+    tokens: list[int] = []
+    last: dict = {}
+    with requests.post(
+        f"{url}/generate_stream",
+        json={"input_ids": ids, "parameters": {"max_new_tokens": max_new_tokens}},
+        stream=True,
+        timeout=120,
+    ) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])
+            last = event
+            if "error" in event:
+                break
+            if ttft is None:
+                ttft = time.monotonic() - start
+            tokens.append(event["token"]["id"])
+    return ttft if ttft is not None else float("inf"), tokens, last
+
+
+def user_prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, 30000) for _ in range(n)]
+
+
+def multi_turn(url: str, seed: int = 0) -> list[float]:
+    """USERS users in parallel, each TURNS turns that extend its own conversation (a long
+    system prompt of its own, then its turns and the replies). Returns every turn's TTFT."""
+
+    def user(u: int) -> list[float]:
+        rng = random.Random(seed * 1000 + u)
+        context = user_prompt(rng, SYSTEM_TOKENS)
+        ttfts = []
+        for _ in range(TURNS):
+            context += user_prompt(rng, TURN_TOKENS)
+            ttft, reply, _ = stream(url, context, REPLY_TOKENS)
+            assert len(reply) == REPLY_TOKENS
+            ttfts.append(ttft)
+            context += reply
+        return ttfts
+
+    with ThreadPoolExecutor(USERS) as pool:
+        return [t for ts in pool.map(user, range(USERS)) for t in ts]
+
+
+def hit_rate(info: dict) -> float:
+    prompt = sum(w["prompt_tokens"] for w in info["workers"])
+    cached = sum(w["cached_tokens"] for w in info["workers"])
+    return cached / prompt
+
+
+# Three workers, each with room for a third of the users' conversations and a little more:
+# routed by prefix, every conversation stays cached; spread round, each worker sees every user
+# and its LRU thrashes.
+SMALL_CACHE = ["--synthetic-cache-blocks", "420"]
+
+
+def test_kv_aware_routing_nears_the_oracle_hit_rate_and_halves_ttft(embedded_model_dir):
+    # The oracle: one worker whose cache holds every conversation (no routing can do better).
+    with fleet(embedded_model_dir, [["--synthetic-cache-blocks", "100000"]]) as f:
+        multi_turn(f.url)
+        oracle = hit_rate(f.info())
+    results = {}
+    for policy in ("kv-aware", "round-robin"):
+        with fleet(embedded_model_dir, [SMALL_CACHE] * 3, ["--routing", policy]) as f:
+            ttfts = multi_turn(f.url)
+            info = f.info()
+            assert info["routing"] == policy
+            assert all(w["requests"] > 0 for w in info["workers"]), info["workers"]
+            results[policy] = (hit_rate(info), statistics.median(ttfts))
+    kv_hits, kv_ttft = results["kv-aware"]
+    rr_hits, rr_ttft = results["round-robin"]
+    print(
+        f"oracle hit rate {oracle:.3f}; kv-aware {kv_hits:.3f}, TTFT p50 {kv_ttft * 1000:.1f} ms; "
+        f"round-robin {rr_hits:.3f}, TTFT p50 {rr_ttft * 1000:.1f} ms"
+    )
+    assert oracle > 0.5, oracle  # the workload does share prefixes
+    assert kv_hits >= 0.9 * oracle, (kv_hits, oracle)
+    assert kv_ttft <= 0.5 * rr_ttft, (kv_ttft, rr_ttft)
+
+
+def prompts(n: int, length: int = 200) -> list[list[int]]:
+    rng = random.Random(7)
+    return [user_prompt(rng, length) for _ in range(n)]
+
+
+def run_all(url: str, batch: list[list[int]], max_new: int) -> list[tuple[list[int], dict]]:
+    with ThreadPoolExecutor(len(batch)) as pool:
+        return [
+            (tokens, last) for _, tokens, last in pool.map(lambda p: stream(url, p, max_new), batch)
+        ]
+
+
+def migrations(metrics: str, outcome: str) -> float:
+    m = re.search(rf'tensorgate_migrations_total\{{outcome="{outcome}"\}} (\S+)', metrics)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_killed_executor_loses_no_request_and_no_token(embedded_model_dir):
+    batch = prompts(24)
+    with fleet(embedded_model_dir, [[]] * 3, ["--routing", "least-load"]) as f:
+        reference = run_all(f.url, batch, 120)
+        assert all(len(t) == 120 for t, _ in reference)
+        results: list = []
+        runner = threading.Thread(target=lambda: results.extend(run_all(f.url, batch, 120)))
+        runner.start()
+        # Mid-generation: 120 steps of 4 ms take about half a second.
+        time.sleep(0.25)
+        assert f.info()["workers"][0]["in_flight"] > 0
+        f.executors[0].kill()
+        runner.join(timeout=120)
+        assert not runner.is_alive()
+        for (tokens, last), (expected, _) in zip(results, reference, strict=True):
+            assert "error" not in last, last
+            assert tokens == expected  # no token lost, repeated or changed
+        assert migrations(f.metrics(), "moved") >= 1
+        states = {w["id"]: w["state"] for w in f.info()["workers"]}
+        assert states[0] == "disconnected", states
+
+
+def test_without_migration_a_killed_executor_ends_its_streams_with_an_error(
+    embedded_model_dir,
+):
+    batch = prompts(12)
+    with fleet(
+        embedded_model_dir, [[]] * 2, ["--routing", "round-robin", "--migration-limit", "0"]
+    ) as f:
+        results: list = []
+        runner = threading.Thread(target=lambda: results.extend(run_all(f.url, batch, 200)))
+        runner.start()
+        time.sleep(0.25)
+        f.executors[0].kill()
+        runner.join(timeout=120)
+        assert not runner.is_alive()
+        errors = [last["error"] for _, last in results if "error" in last]
+        # Half went to the killed worker: each ends with an error event saying why, none hangs.
+        assert len(errors) == len(batch) // 2, results
+        assert all("--migration-limit 0" in e for e in errors), errors
+        assert all(len(t) == 200 for t, last in results if "error" not in last)
+
+
+def test_a_worker_started_at_run_time_joins_and_takes_load(embedded_model_dir):
+    batch = prompts(12)
+    with fleet(embedded_model_dir, [[]] * 3, start=[True, True, False]) as f:
+        run_all(f.url, batch, 8)
+        workers = f.info()["workers"]
+        assert [w["state"] for w in workers] == ["healthy", "healthy", "disconnected"]
+        late = start_executor(f.directory, "executor-2", f.executors[0].proc.args[7:])
+        f.executors.append(late)
+        wait_workers(f, 3)
+        run_all(f.url, prompts(12, 300), 8)
+        workers = f.info()["workers"]
+        assert workers[2]["state"] == "healthy"
+        assert workers[2]["requests"] > 0, workers
+
+
+@pytest.mark.parametrize("policy", ["least-load", "kv-aware"])
+def test_a_slow_worker_gets_less(embedded_model_dir, policy):
+    # Worker 2 steps ten times slower: its requests stay in flight ten times longer.
+    with fleet(embedded_model_dir, [[], [], ["--iteration-ms", "40"]], ["--routing", policy]) as f:
+
+        def client(c: int) -> None:
+            rng = random.Random(c)
+            for _ in range(8):
+                _, tokens, last = stream(f.url, user_prompt(rng, 64), 24)
+                assert len(tokens) == 24, last
+
+        # A closed loop: each client sends its next request when the last one ends.
+        with ThreadPoolExecutor(9) as pool:
+            list(pool.map(client, range(9)))
+        counts = [w["requests"] for w in f.info()["workers"]]
+        assert sum(counts) == 72
+        assert counts[2] < 0.5 * min(counts[0], counts[1]), counts
