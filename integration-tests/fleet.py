@@ -48,6 +48,8 @@ class Executor:
     socket: Path
     proc: subprocess.Popen
     log: Path
+    # With --listen every call, on the unix socket too, carries the shared secret.
+    secret: str | None = None
 
     def stats(self) -> executor_pb2.StatsResponse:
         with grpc.insecure_channel(f"unix:{self.socket}") as ch:
@@ -61,8 +63,9 @@ class Executor:
             if self.socket.exists():
                 try:
                     with grpc.insecure_channel(f"unix:{self.socket}") as ch:
+                        auth = [("authorization", f"Bearer {self.secret}")] if self.secret else []
                         r = executor_pb2_grpc.ExecutorStub(ch).Health(
-                            executor_pb2.HealthRequest(), timeout=2
+                            executor_pb2.HealthRequest(), timeout=2, metadata=auth
                         )
                         if r.ready:
                             return
@@ -91,7 +94,9 @@ class Fleet:
         return requests.get(f"{self.url}/metrics", timeout=5).text
 
 
-def start_executor(directory: Path, name: str, extra: list[str]) -> Executor:
+def start_executor(
+    directory: Path, name: str, extra: list[str], env: dict[str, str] | None = None
+) -> Executor:
     sock = directory / f"{name}.sock"
     log = directory / f"{name}.log"
     with open(log, "wb") as out:
@@ -109,8 +114,10 @@ def start_executor(directory: Path, name: str, extra: list[str]) -> Executor:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
-    return Executor(socket=sock, proc=proc, log=log)
+    secret = (env or {}).get("TENSORGATE_EXECUTOR_SECRET")
+    return Executor(socket=sock, proc=proc, log=log, secret=secret)
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -124,7 +131,11 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def start_router(
-    tokenizer: Path, sockets: list[Path], directory: Path, extra: list[str]
+    tokenizer: Path,
+    sockets: list[Path],
+    directory: Path,
+    extra: list[str],
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log = directory / f"router-{port}.log"
@@ -145,7 +156,9 @@ def start_router(
         *extra,
     ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     return proc, f"http://127.0.0.1:{port}", log
 
 

@@ -6,16 +6,30 @@ at run time; a slow worker."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
-from fleet import fleet, start_executor, wait_workers
+from fleet import (
+    SYNTHETIC,
+    Fleet,
+    fleet,
+    free_port,
+    start_executor,
+    start_router,
+    stop_process,
+    wait_workers,
+)
 
 USERS = 12
 TURNS = 4
@@ -202,3 +216,103 @@ def test_a_slow_worker_gets_less(embedded_model_dir, policy):
         counts = [w["requests"] for w in f.info()["workers"]]
         assert sum(counts) == 72
         assert counts[2] < 0.5 * min(counts[0], counts[1]), counts
+
+
+def test_a_hung_worker_leaves_routing_and_returns_when_healthy(embedded_model_dir):
+    with fleet(embedded_model_dir, [[]] * 3, ["--routing", "least-load"]) as f:
+        hung = f.executors[0]
+        os.kill(hung.proc.pid, signal.SIGSTOP)  # its stream stays open; Health times out
+        try:
+            deadline = time.monotonic() + 30
+            while f.info()["workers"][0]["state"] != "unhealthy":
+                assert time.monotonic() < deadline, f.info()["workers"]
+                time.sleep(0.2)
+            before = f.info()["workers"][0]["requests"]
+            assert all(len(t) == 16 for t, _ in run_all(f.url, prompts(12), 16))
+            assert f.info()["workers"][0]["requests"] == before
+        finally:
+            os.kill(hung.proc.pid, signal.SIGCONT)
+        wait_workers(f, 3)
+        run_all(f.url, prompts(12, 150), 16)
+        assert f.info()["workers"][0]["requests"] > before
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends/trtllm/tests"))
+
+
+def test_executors_off_host_are_reached_over_tls_with_the_shared_secret(embedded_model_dir):
+    from tls_certs import make_test_pki
+
+    directory = Path(tempfile.mkdtemp(prefix="tg-tls-"))
+    pki = make_test_pki(directory)
+    port = free_port()
+    secret = {**os.environ, "TENSORGATE_EXECUTOR_SECRET": "s3cret-for-tests"}
+    executor = start_executor(
+        directory,
+        "remote",
+        [
+            *SYNTHETIC,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-cert",
+            str(pki.server_cert),
+            "--tls-key",
+            str(pki.server_key),
+        ],
+        env=secret,
+    )
+    routers = []
+    try:
+        executor.wait_ready()
+        tls = ["--executor-tls-ca", str(pki.ca_cert), "--discovery-interval-s", "1"]
+        url_of = f"https://localhost:{port}"
+
+        def router(env):
+            proc, url, log = start_router(
+                embedded_model_dir, [], directory, ["--executor", url_of, *tls], env=env
+            )
+            routers.append(proc)
+            return Fleet(url=url, router=proc, router_log=log)
+
+        # localhost is a name: resolved, each of its addresses a worker (::1 finds nothing).
+        good = router(secret)
+        wait_workers(good, 1)
+        _, tokens, last = stream(good.url, prompts(1)[0], 8)
+        assert len(tokens) == 8, last
+        healthy = [w for w in good.info()["workers"] if w["state"] == "healthy"]
+        assert [w["address"] for w in healthy] == [f"https://localhost@127.0.0.1:{port}"]
+
+        # A wrong secret: the executor refuses every call, and the router refuses to start.
+        bad = router({**os.environ, "TENSORGATE_EXECUTOR_SECRET": "wrong"})
+        assert bad.router.wait(timeout=60) != 0
+        assert "refused the router's shared secret" in bad.router_log.read_text()
+
+        # No secret or no CA: refused at start, naming what is missing.
+        proc, _, log = start_router(embedded_model_dir, [], directory, ["--executor", url_of])
+        assert proc.wait(timeout=30) != 0
+        assert "--executor-tls-ca" in log.read_text()
+        proc, _, log = start_router(
+            embedded_model_dir, [], directory, ["--executor", f"http://127.0.0.1:{port}"]
+        )
+        assert proc.wait(timeout=30) != 0
+        assert "plaintext" in log.read_text()
+    finally:
+        for proc in routers:
+            stop_process(proc)
+        stop_process(executor.proc)
+
+
+def test_serve_with_data_parallel_size_runs_a_pool(tmp_path):
+    from conftest import synthetic_server
+
+    with synthetic_server(tmp_path, "--data-parallel-size", "2", "--iteration-ms", "2") as s:
+        info = requests.get(f"{s.url}/info", timeout=5).json()
+        assert info["routing"] == "kv-aware"
+        assert [w["state"] for w in info["workers"]] == ["healthy", "healthy"]
+        addresses = [w["address"] for w in info["workers"]]
+        assert addresses[0].endswith("-0.sock") and addresses[1].endswith("-1.sock"), addresses
+        with ThreadPoolExecutor(8) as pool:
+            done = list(pool.map(lambda p: stream(s.url, p, 8), prompts(8)))
+        assert all(len(tokens) == 8 for _, tokens, _ in done)
+        workers = requests.get(f"{s.url}/info", timeout=5).json()["workers"]
+        assert sum(w["requests"] for w in workers) == 8

@@ -116,7 +116,11 @@ async fn run(config: Config) -> Result<(), StartupError> {
         health_interval: Duration::from_millis(config.stats_interval_ms.max(50)),
     })
     .map_err(|e| StartupError::Config(e.to_string()))?;
-    let info = fetch_info(&executor, Duration::from_secs(120)).await?;
+    let info = fetch_info(
+        &executor,
+        Duration::from_secs(config.executor_startup_timeout_s),
+    )
+    .await?;
 
     let limits = info.limits.unwrap_or_default();
     let max_total_tokens = lower(limits.max_total_tokens, config.max_total_tokens);
@@ -316,23 +320,27 @@ async fn fetch_info(
 ) -> Result<pb::InfoResponse, StartupError> {
     let start = Instant::now();
     loop {
-        let attempt = async {
-            let mut client = executor.client().await?;
-            client
-                .info(pb::InfoRequest {})
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.message().to_string())
+        let error = match executor.client().await {
+            Ok(mut client) => match client.info(pb::InfoRequest {}).await {
+                Ok(info) => return Ok(info.into_inner()),
+                // Not something waiting mends: said at once.
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                    return Err(StartupError::Executor(format!(
+                        "the executor refused the router's shared secret \
+                         (TENSORGATE_EXECUTOR_SECRET): {}",
+                        status.message()
+                    )))
+                }
+                Err(status) => status.message().to_string(),
+            },
+            Err(e) => e,
         };
-        match attempt.await {
-            Ok(info) => return Ok(info),
-            Err(e) if start.elapsed() > wait => {
-                return Err(StartupError::Executor(format!(
-                    "executor did not answer Info within {wait:?}: {e}"
-                )))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        if start.elapsed() > wait {
+            return Err(StartupError::Executor(format!(
+                "no executor answered Info within {wait:?} (--executor-startup-timeout-s): {error}"
+            )));
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

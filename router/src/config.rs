@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, default_value_t = 3)]
     pub migration_limit: u32,
 
+    /// How long to wait at start for an executor to answer (one loading a large model, or
+    /// started alongside the router, as on Kubernetes).
+    #[arg(long, default_value_t = 600)]
+    pub executor_startup_timeout_s: u64,
+
     /// How often https executor names are resolved again (workers join and leave).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub discovery_interval_s: u64,
