@@ -3,13 +3,16 @@ the router started on their `--executor` URLs. Shared by the fleet tests and the
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,3 +212,68 @@ def fleet(
             stop_process(router)
         for e in started:
             stop_process(e.proc)
+
+
+# -- the multi-turn chat workload ----------------------------------------------------------------
+
+USERS = 12
+TURNS = 4
+SYSTEM_TOKENS = 1024
+TURN_TOKENS = 64
+REPLY_TOKENS = 16
+
+
+def stream(url: str, ids: list[int], max_new_tokens: int) -> tuple[float, list[int], dict]:
+    """/generate_stream on token ids: (time to first token, token ids, last event)."""
+    start = time.monotonic()
+    ttft = None
+    tokens: list[int] = []
+    last: dict = {}
+    with requests.post(
+        f"{url}/generate_stream",
+        json={"input_ids": ids, "parameters": {"max_new_tokens": max_new_tokens}},
+        stream=True,
+        timeout=120,
+    ) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])
+            last = event
+            if "error" in event:
+                break
+            if ttft is None:
+                ttft = time.monotonic() - start
+            tokens.append(event["token"]["id"])
+    return ttft if ttft is not None else float("inf"), tokens, last
+
+
+def user_prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, 30000) for _ in range(n)]
+
+
+def multi_turn(url: str, seed: int = 0, users: int = USERS, turns: int = TURNS) -> list[float]:
+    """USERS users in parallel, each TURNS turns that extend its own conversation (a long
+    system prompt of its own, then its turns and the replies). Returns every turn's TTFT."""
+
+    def user(u: int) -> list[float]:
+        rng = random.Random(seed * 1000 + u)
+        context = user_prompt(rng, SYSTEM_TOKENS)
+        ttfts = []
+        for _ in range(turns):
+            context += user_prompt(rng, TURN_TOKENS)
+            ttft, reply, _ = stream(url, context, REPLY_TOKENS)
+            assert len(reply) == REPLY_TOKENS
+            ttfts.append(ttft)
+            context += reply
+        return ttfts
+
+    with ThreadPoolExecutor(users) as pool:
+        return [t for ts in pool.map(user, range(users)) for t in ts]
+
+
+def hit_rate(info: dict) -> float:
+    prompt = sum(w["prompt_tokens"] for w in info["workers"])
+    cached = sum(w["cached_tokens"] for w in info["workers"])
+    return cached / prompt

@@ -5,7 +5,6 @@ at run time; a slow worker."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -25,74 +24,15 @@ from fleet import (
     Fleet,
     fleet,
     free_port,
+    hit_rate,
+    multi_turn,
     start_executor,
     start_router,
     stop_process,
+    stream,
+    user_prompt,
     wait_workers,
 )
-
-USERS = 12
-TURNS = 4
-SYSTEM_TOKENS = 1024
-TURN_TOKENS = 64
-REPLY_TOKENS = 16
-
-
-def stream(url: str, ids: list[int], max_new_tokens: int) -> tuple[float, list[int], dict]:
-    """/generate_stream on token ids: (time to first token, token ids, last event)."""
-    start = time.monotonic()
-    ttft = None
-    tokens: list[int] = []
-    last: dict = {}
-    with requests.post(
-        f"{url}/generate_stream",
-        json={"input_ids": ids, "parameters": {"max_new_tokens": max_new_tokens}},
-        stream=True,
-        timeout=120,
-    ) as r:
-        assert r.status_code == 200, r.text
-        for line in r.iter_lines():
-            if not line.startswith(b"data:"):
-                continue
-            event = json.loads(line[5:])
-            last = event
-            if "error" in event:
-                break
-            if ttft is None:
-                ttft = time.monotonic() - start
-            tokens.append(event["token"]["id"])
-    return ttft if ttft is not None else float("inf"), tokens, last
-
-
-def user_prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(100, 30000) for _ in range(n)]
-
-
-def multi_turn(url: str, seed: int = 0) -> list[float]:
-    """USERS users in parallel, each TURNS turns that extend its own conversation (a long
-    system prompt of its own, then its turns and the replies). Returns every turn's TTFT."""
-
-    def user(u: int) -> list[float]:
-        rng = random.Random(seed * 1000 + u)
-        context = user_prompt(rng, SYSTEM_TOKENS)
-        ttfts = []
-        for _ in range(TURNS):
-            context += user_prompt(rng, TURN_TOKENS)
-            ttft, reply, _ = stream(url, context, REPLY_TOKENS)
-            assert len(reply) == REPLY_TOKENS
-            ttfts.append(ttft)
-            context += reply
-        return ttfts
-
-    with ThreadPoolExecutor(USERS) as pool:
-        return [t for ts in pool.map(user, range(USERS)) for t in ts]
-
-
-def hit_rate(info: dict) -> float:
-    prompt = sum(w["prompt_tokens"] for w in info["workers"])
-    cached = sum(w["cached_tokens"] for w in info["workers"])
-    return cached / prompt
-
 
 # Three workers, each with room for a third of the users' conversations and a little more:
 # routed by prefix, every conversation stays cached; spread round, each worker sees every user
