@@ -42,6 +42,7 @@ def serve(n: int, args: argparse.Namespace, port: int, log: Path) -> Served:
     import subprocess
 
     extra = ["--engine", args.engine, "--data-parallel-size", str(n), "--port", str(port)]
+    extra += ["--max-concurrent-requests", str(max(128, 2 * n * args.concurrency_per_executor))]
     if args.engine == "synthetic":
         extra += ["--iteration-ms", str(args.iteration_ms), "--max-batch-size", "256"]
     else:

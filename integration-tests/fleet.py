@@ -225,16 +225,18 @@ REPLY_TOKENS = 16
 
 def stream(url: str, ids: list[int], max_new_tokens: int) -> tuple[float, list[int], dict]:
     """/generate_stream on token ids: (time to first token, token ids, last event)."""
+    body = {"input_ids": ids, "parameters": {"max_new_tokens": max_new_tokens}}
+    return stream_body(url, body)
+
+
+def stream_body(url: str, body: dict, on_token=None) -> tuple[float, list[int], dict]:
+    """/generate_stream: (time to first token, token ids, last event); `on_token(n)` is called
+    after the n-th token arrives."""
     start = time.monotonic()
     ttft = None
     tokens: list[int] = []
     last: dict = {}
-    with requests.post(
-        f"{url}/generate_stream",
-        json={"input_ids": ids, "parameters": {"max_new_tokens": max_new_tokens}},
-        stream=True,
-        timeout=120,
-    ) as r:
+    with requests.post(f"{url}/generate_stream", json=body, stream=True, timeout=300) as r:
         assert r.status_code == 200, r.text
         for line in r.iter_lines():
             if not line.startswith(b"data:"):
@@ -246,6 +248,8 @@ def stream(url: str, ids: list[int], max_new_tokens: int) -> tuple[float, list[i
             if ttft is None:
                 ttft = time.monotonic() - start
             tokens.append(event["token"]["id"])
+            if on_token is not None:
+                on_token(len(tokens))
     return ttft if ttft is not None else float("inf"), tokens, last
 
 

@@ -10,6 +10,7 @@ import random
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -21,6 +22,7 @@ import pytest
 import requests
 from fleet import (
     SYNTHETIC,
+    Executor,
     Fleet,
     fleet,
     free_port,
@@ -30,6 +32,7 @@ from fleet import (
     start_router,
     stop_process,
     stream,
+    stream_body,
     user_prompt,
     wait_workers,
 )
@@ -256,3 +259,79 @@ def test_serve_with_data_parallel_size_runs_a_pool(tmp_path):
         assert all(len(tokens) == 8 for _, tokens, _ in done)
         workers = requests.get(f"{s.url}/info", timeout=5).json()["workers"]
         assert sum(w["requests"] for w in workers) == 8
+
+
+# -- migration on a real model: two transformers executors (SmolLM2-135M on the CPU) -------------
+
+
+def transformers_pool(directory: Path, model: Path) -> list:
+    args = ["--engine", "transformers", "--model-id", str(model), "--device", "cpu"]
+    args += ["--max-batch-size", "4", "--max-total-tokens", "1024"]
+    executors = []
+    for i in range(2):
+        sock = directory / f"tf-{i}.sock"
+        log = directory / f"tf-{i}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tensorgate.executor", "--uds-path", str(sock), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        executors.append(Executor(socket=sock, proc=proc, log=log))
+    for e in executors:
+        e.wait_ready(timeout=600)
+    return executors
+
+
+def test_a_seeded_sampled_request_survives_its_executor_token_for_token(embedded_model_dir):
+    directory = Path(tempfile.mkdtemp(prefix="tg-tf-fleet-"))
+    executors = transformers_pool(directory, embedded_model_dir)
+    router, url, log = start_router(
+        embedded_model_dir,
+        [e.socket for e in executors],
+        directory,
+        ["--routing", "round-robin", "--prompt-format", "raw"],
+    )
+    f = Fleet(url=url, router=router, router_log=log, executors=executors)
+    try:
+        wait_workers(f, 2)
+        sampled = {
+            "inputs": "The three most useful things to pack for a long hike are",
+            "parameters": {"do_sample": True, "temperature": 0.9, "seed": 42, "max_new_tokens": 40},
+        }
+        _, reference, last = stream_body(url, sampled)
+        assert len(reference) == 40, last
+
+        def kill_after(n: int):
+            def on_token(count: int) -> None:
+                if count == n:
+                    # The worker running it now: the only one with a request in flight.
+                    busy = [w["id"] for w in f.info()["workers"] if w["in_flight"] > 0]
+                    assert len(busy) == 1, f.info()["workers"]
+                    executors[busy[0]].kill()
+
+            return on_token
+
+        # Killed 10 tokens in: the request moves to the other executor with its 10 tokens
+        # and its seed, which continues its per-step stream there.
+        _, moved, last = stream_body(url, sampled, kill_after(10))
+        assert "error" not in last, last
+        assert moved == reference
+        assert migrations(f.metrics(), "moved") == 1
+
+        # A grammar's matcher state cannot move: the stream ends with an error saying so.
+        survivor = next(e for e in executors if e.proc.poll() is None)
+        guided = {
+            "inputs": "A JSON object describing a hiking trip:",
+            "parameters": {
+                "max_new_tokens": 60,
+                "grammar": {"type": "json", "value": {"type": "object"}},
+            },
+        }
+        _, _, last = stream_body(url, guided, lambda n: survivor.kill() if n == 5 else None)
+        assert "grammar" in last.get("error", ""), last
+    finally:
+        stop_process(router)
+        for e in executors:
+            stop_process(e.proc)
