@@ -335,3 +335,17 @@ def test_a_seeded_sampled_request_survives_its_executor_token_for_token(embedded
         stop_process(router)
         for e in executors:
             stop_process(e.proc)
+
+
+def test_a_worker_serving_another_model_is_kept_out(embedded_model_dir):
+    with fleet(embedded_model_dir, [[], []], start=[True, False]) as f:
+        other = start_executor(f.directory, "executor-1", [*SYNTHETIC, "--vocab-size", "500"])
+        f.executors.append(other)
+        other.wait_ready()
+        deadline = time.monotonic() + 30
+        while f.info()["workers"][1]["state"] != "incompatible":
+            assert time.monotonic() < deadline, f.info()["workers"]
+            time.sleep(0.2)
+        run_all(f.url, prompts(6), 4)
+        workers = f.info()["workers"]
+        assert [w["requests"] for w in workers] == [6, 0], workers

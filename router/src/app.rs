@@ -121,6 +121,7 @@ async fn run(config: Config) -> Result<(), StartupError> {
         Duration::from_secs(config.executor_startup_timeout_s),
     )
     .await?;
+    executor.set_reference(&info);
 
     let limits = info.limits.unwrap_or_default();
     let max_total_tokens = lower(limits.max_total_tokens, config.max_total_tokens);

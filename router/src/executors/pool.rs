@@ -66,6 +66,8 @@ pub enum WorkerState {
     Disconnected,
     /// Its address left discovery: no new requests; it leaves once idle.
     Draining,
+    /// It serves another model or vocabulary than the pool (its `Info`): never routed to.
+    Incompatible,
 }
 
 /// One worker of `/info`.
@@ -96,6 +98,7 @@ struct Health {
     /// requests are, as a tie-breaker of load.
     queued_requests: AtomicU32,
     draining: AtomicBool,
+    incompatible: AtomicBool,
 }
 
 impl Default for Health {
@@ -107,6 +110,7 @@ impl Default for Health {
             block_size: AtomicU32::new(0),
             queued_requests: AtomicU32::new(0),
             draining: AtomicBool::new(false),
+            incompatible: AtomicBool::new(false),
         }
     }
 }
@@ -143,6 +147,27 @@ pub(crate) struct Inner {
     epoch: watch::Sender<u64>,
     /// Healthy workers now.
     healthy: watch::Sender<usize>,
+    /// What every worker must serve: the first `Info` the router started with.
+    reference: std::sync::OnceLock<Reference>,
+}
+
+/// The parts of `Info` a request depends on: the same on every worker, or tokens mean
+/// different things from one worker to the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reference {
+    model_id: String,
+    vocab_size: u32,
+    eos_token_ids: Vec<u32>,
+}
+
+impl Reference {
+    fn of(info: &pb::InfoResponse) -> Self {
+        Self {
+            model_id: info.model_id.clone(),
+            vocab_size: info.vocab_size,
+            eos_token_ids: info.eos_token_ids.clone(),
+        }
+    }
 }
 
 /// Cheap to clone; shared by all handlers.
@@ -192,6 +217,7 @@ impl ExecutorHandle {
             subscribe_kv_events: config.routing == RoutingKind::KvAware,
             epoch: watch::channel(0).0,
             healthy: watch::channel(0).0,
+            reference: std::sync::OnceLock::new(),
         });
         let handle = Self { inner };
         for address in &config.addresses {
@@ -326,6 +352,12 @@ impl ExecutorHandle {
             *h = n;
             changed
         });
+    }
+
+    /// The `Info` the router serves: a worker whose model, vocabulary or eos ids differ is
+    /// kept out of routing (state `incompatible`).
+    pub fn set_reference(&self, info: &pb::InfoResponse) {
+        let _ = self.inner.reference.set(Reference::of(info));
     }
 
     /// Healthy workers now, and on change.
@@ -616,11 +648,14 @@ fn routable(w: &Worker) -> bool {
     w.conn.is_connected()
         && w.health.healthy.load(Ordering::Relaxed)
         && !w.health.draining.load(Ordering::Relaxed)
+        && !w.health.incompatible.load(Ordering::Relaxed)
 }
 
 fn state_of(w: &Worker) -> WorkerState {
     if w.health.draining.load(Ordering::Relaxed) {
         WorkerState::Draining
+    } else if w.health.incompatible.load(Ordering::Relaxed) {
+        WorkerState::Incompatible
     } else if !w.conn.is_connected() {
         WorkerState::Disconnected
     } else if w.health.healthy.load(Ordering::Relaxed) {
@@ -672,6 +707,8 @@ async fn monitor(
         ExecutorHandle::upgrade(&pool).map_or(Duration::from_secs(1), |p| p.inner.health_interval);
     let mut client: Option<Client> = None;
     let mut connections = conn.connections();
+    // The connection whose executor's Info was last compared with the pool's.
+    let mut checked_epoch = 0;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -685,7 +722,20 @@ async fn monitor(
                 client = conn.client().await.ok();
             }
             match client.as_mut() {
-                Some(c) => check(c, &name, &health).await,
+                Some(c) => {
+                    let epoch = *connections.borrow();
+                    if epoch != checked_epoch {
+                        let reference = ExecutorHandle::upgrade(&pool)
+                            .and_then(|p| p.inner.reference.get().cloned());
+                        if let Some(reference) = reference {
+                            if let Ok(info) = c.info(pb::InfoRequest {}).await {
+                                compare(&name, &reference, &info.into_inner(), &health);
+                                checked_epoch = epoch;
+                            }
+                        }
+                    }
+                    check(c, &name, &health).await
+                }
                 None => false,
             }
         } else {
@@ -715,6 +765,22 @@ async fn monitor(
             load.cached_tokens.load(Ordering::Relaxed),
         );
     }
+}
+
+/// Marks a worker whose Info differs from the pool's (another model, vocabulary or eos ids):
+/// its tokens would not mean what the router's tokenizer says they mean.
+fn compare(name: &str, reference: &Reference, info: &pb::InfoResponse, health: &Health) {
+    let theirs = Reference::of(info);
+    let incompatible = &theirs != reference;
+    if incompatible {
+        tracing::error!(
+            worker = %name,
+            pool = ?reference,
+            worker_serves = ?theirs,
+            "the worker serves another model than the pool: kept out of routing"
+        );
+    }
+    health.incompatible.store(incompatible, Ordering::Relaxed);
 }
 
 /// One Health and Stats round; false when either fails or the executor is not ready.
