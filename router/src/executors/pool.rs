@@ -147,6 +147,8 @@ pub(crate) struct Inner {
     epoch: watch::Sender<u64>,
     /// Healthy workers now.
     healthy: watch::Sender<usize>,
+    /// Some --executor is a DNS name: workers may join at any time.
+    discovers: bool,
     /// What every worker must serve: the first `Info` the router started with.
     reference: std::sync::OnceLock<Reference>,
 }
@@ -218,6 +220,9 @@ impl ExecutorHandle {
             epoch: watch::channel(0).0,
             healthy: watch::channel(0).0,
             reference: std::sync::OnceLock::new(),
+            discovers: config.addresses.iter().any(|a| {
+                matches!(a, ExecutorAddress::Https { host, .. } if host.parse::<std::net::IpAddr>().is_err())
+            }),
         });
         let handle = Self { inner };
         for address in &config.addresses {
@@ -497,6 +502,7 @@ impl ExecutorHandle {
     pub fn submit_batch(&self, requests: Vec<pb::GenerateRequest>) -> Vec<Submitted> {
         let workers = self.workers();
         let mut views: Vec<WorkerView> = workers.iter().map(|w| view(w)).collect();
+        let routable_count = views.iter().filter(|v| v.healthy).count();
         let mut shares: Vec<Vec<Submission>> = workers.iter().map(|_| Vec::new()).collect();
         let mut handles = Vec::with_capacity(requests.len());
         let mut lost = Vec::new();
@@ -505,7 +511,11 @@ impl ExecutorHandle {
             request.id = id;
             let (tx, rx) = mpsc::unbounded_channel();
             // What the worker must prefill: the prompt less what its cache is expected to hold.
-            let (pick, charge) = {
+            // One routable worker: no choice to make, nothing to hash.
+            let (pick, charge) = if routable_count == 1 {
+                let only = views.iter().find(|v| v.healthy).map(|v| v.id);
+                (only, request.input_ids.len() as u64)
+            } else {
                 let mut prompt = Prompt::new(&request.input_ids);
                 let pick = self.inner.policy.pick(&views, &mut prompt);
                 let cached = pick
@@ -515,13 +525,16 @@ impl ExecutorHandle {
                     });
                 (pick, request.input_ids.len().saturating_sub(cached) as u64)
             };
-            let resume = (self.inner.migration_limit > 0).then(|| {
-                Box::new(Resume {
-                    original: request.clone(),
-                    generated: Vec::new(),
-                    migrations: 0,
-                })
-            });
+            // Kept only where it could move: another worker exists, or may join (a DNS name).
+            let resume = (self.inner.migration_limit > 0
+                && (workers.len() > 1 || self.inner.discovers))
+                .then(|| {
+                    Box::new(Resume {
+                        original: request.clone(),
+                        generated: Vec::new(),
+                        migrations: 0,
+                    })
+                });
             match pick.and_then(|id| views.iter().position(|v| v.id == id)) {
                 Some(at) => {
                     let worker = &workers[at];
@@ -570,10 +583,18 @@ impl ExecutorHandle {
     /// Continues an orphaned request on another healthy worker, or ends it saying why.
     fn place_orphan(&self, mut orphan: Orphan) {
         let Some(resume) = orphan.resume.as_mut() else {
-            let why = Unmovable::Off {
-                reason: orphan.reason,
+            // Not kept: migration is off, or the pool had no other worker to move it to.
+            let why = if self.inner.migration_limit == 0 {
+                m::record_migration("refused");
+                Unmovable::Off {
+                    reason: orphan.reason,
+                }
+            } else {
+                m::record_migration("no_worker");
+                Unmovable::NoWorker {
+                    reason: orphan.reason,
+                }
             };
-            m::record_migration("refused");
             let _ = orphan.tx.send(ExecutorEvent::Disconnected(why.to_string()));
             return;
         };
