@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -216,16 +217,22 @@ def test_error_statuses_become_typed_errors_with_the_servers_message(status, bod
 
 
 def test_first_generation_failure_cancels_the_rest_and_is_raised():
+    # The other two answer only once the failure was raised (or after 30 s): a client that
+    # waited for them would hang. Released afterwards, so the server stops at once.
+    release = asyncio.Event()
+
     async def handler(path: str, body: Any) -> web.Response:
         if body["input_ids"] == [9]:
             return web.json_response({"error": "bad", "error_type": "validation"}, status=422)
-        await asyncio.sleep(30)  # would hang the test if not cancelled
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), timeout=30)
         return tgi_answer([1], "r")
 
     async def test(url: str, fake: Fake) -> None:
         async with RolloutClient(url) as c:
             with pytest.raises(ValidationError):
                 await asyncio.wait_for(c.generate([[1], [9], [2]], SamplingParams()), timeout=10)
+        release.set()
 
     run_with_server(handler, test)
 
