@@ -206,6 +206,9 @@ impl ExecutorHandle {
         let index = SharedKvIndex::default();
         let policy = build_policy(config.routing, index.clone(), config.load_weight)?;
         let (orphans, orphan_rx) = mpsc::unbounded_channel();
+        let discovers = config.addresses.iter().any(|a| {
+            matches!(a, ExecutorAddress::Https { host, .. } if host.parse::<std::net::IpAddr>().is_err())
+        });
         let inner = Arc::new(Inner {
             workers: RwLock::new(Vec::new()),
             policy,
@@ -216,13 +219,14 @@ impl ExecutorHandle {
             orphans,
             credentials: config.credentials.clone(),
             health_interval: config.health_interval,
-            subscribe_kv_events: config.routing == RoutingKind::KvAware,
+            // One executor and no DNS name: there is never a choice, so its events (work for
+            // the engine every step) are not asked for.
+            subscribe_kv_events: config.routing == RoutingKind::KvAware
+                && (config.addresses.len() > 1 || discovers),
             epoch: watch::channel(0).0,
             healthy: watch::channel(0).0,
             reference: std::sync::OnceLock::new(),
-            discovers: config.addresses.iter().any(|a| {
-                matches!(a, ExecutorAddress::Https { host, .. } if host.parse::<std::net::IpAddr>().is_err())
-            }),
+            discovers,
         });
         let handle = Self { inner };
         for address in &config.addresses {
