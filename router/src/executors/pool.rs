@@ -753,7 +753,14 @@ async fn monitor(
                         let reference = ExecutorHandle::upgrade(&pool)
                             .and_then(|p| p.inner.reference.get().cloned());
                         if let Some(reference) = reference {
-                            if let Ok(info) = c.info(pb::InfoRequest {}).await {
+                            // Bounded like the health check: a hung executor must not
+                            // hang its monitor.
+                            let info = tokio::time::timeout(
+                                Duration::from_secs(2),
+                                c.info(pb::InfoRequest {}),
+                            )
+                            .await;
+                            if let Ok(Ok(info)) = info {
                                 compare(&name, &reference, &info.into_inner(), &health);
                                 checked_epoch = epoch;
                             }
