@@ -19,6 +19,8 @@ from pathlib import Path
 
 import grpc
 import requests
+from conftest import free_port
+from conftest import stop as stop_process
 
 from tensorgate.v1 import executor_pb2, executor_pb2_grpc
 
@@ -36,14 +38,6 @@ SYNTHETIC = [
     "--max-total-tokens",
     "8192",
 ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -121,16 +115,6 @@ def start_executor(
         )
     secret = (env or {}).get("TENSORGATE_EXECUTOR_SECRET")
     return Executor(socket=sock, proc=proc, log=log, secret=secret)
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def start_router(

@@ -6,20 +6,15 @@ resume, which it cannot continue. A bad resumed_tokens fails its request, naming
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
 import torch
 from conftest import Collector
-from test_server import Stream, connect
+from test_server import Stream, served
 
 from tensorgate.executor.engine import EngineLimits, check_request
 from tensorgate.executor.engines.cb_penalties import TokenHistory
 from tensorgate.executor.engines.synthetic import SyntheticEngine, stream_key
-from tensorgate.executor.server import serve
 from tensorgate.v1 import executor_pb2 as pb
-from tensorgate.v1 import executor_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,17 +101,8 @@ def served_synthetic(tmp_path):
     """The synthetic engine behind the real gRPC server, on a unix socket."""
     sock = tmp_path / "executor.sock"
     engine = SyntheticEngine(iteration_ms=2, max_batch_size=8)
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    thread = threading.Thread(
-        target=loop.run_until_complete, args=(serve(engine, sock, None, stop),), daemon=True
-    )
-    thread.start()
-    channel = connect(sock)
-    yield pb_grpc.ExecutorStub(channel), engine
-    channel.close()
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(timeout=20)
+    with served(engine, sock) as (stub, _):
+        yield stub, engine
 
 
 def test_synthetic_resume_through_the_server_keys_by_the_prompt(served_synthetic):
@@ -226,12 +212,8 @@ def _seeded_resume(rid: int) -> pb.GenerateRequest:
     )
 
 
-def test_trtllm_refuses_a_seeded_resume(trtllm_double, collector):
-    from test_trtllm_engine import TP1
-
-    from tensorgate.executor.engines.trtllm_engine import TrtllmEngine
-
-    engine = TrtllmEngine(TP1, None, gpu_count=lambda: 8)
+def _refuses_a_seeded_resume_only(engine, collector) -> None:
+    """A seeded resume fails naming why; a greedy one beside it runs."""
     engine.start(collector.emit)
     try:
         greedy = pb.GenerateRequest(
@@ -244,6 +226,14 @@ def test_trtllm_refuses_a_seeded_resume(trtllm_double, collector):
     assert collector.finish[1] == pb.FINISH_REASON_ERROR
     assert "seeded sampling cannot continue after a migration" in collector.errors[1]
     assert collector.finish[2] != pb.FINISH_REASON_ERROR
+
+
+def test_trtllm_refuses_a_seeded_resume(trtllm_double, collector):
+    from test_trtllm_engine import TP1
+
+    from tensorgate.executor.engines.trtllm_engine import TrtllmEngine
+
+    _refuses_a_seeded_resume_only(TrtllmEngine(TP1, None, gpu_count=lambda: 8), collector)
 
 
 def test_llmapi_refuses_a_seeded_resume(llmapi_double, collector, tmp_path):
@@ -257,16 +247,4 @@ def test_llmapi_refuses_a_seeded_resume(llmapi_double, collector, tmp_path):
         json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 1000,
                     "max_position_embeddings": 512, "torch_dtype": "bfloat16"})
     )  # fmt: skip
-    engine = TrtllmLlmApiEngine(ckpt, None, gpu_count=lambda: 8)
-    engine.start(collector.emit)
-    try:
-        greedy = pb.GenerateRequest(
-            id=2, input_ids=[11, 12, 13, 14], max_new_tokens=2, resumed_tokens=1
-        )
-        engine.submit([_seeded_resume(1), greedy])
-        collector.wait_finished([1, 2])
-    finally:
-        engine.shutdown()
-    assert collector.finish[1] == pb.FINISH_REASON_ERROR
-    assert "seeded sampling cannot continue after a migration" in collector.errors[1]
-    assert collector.finish[2] != pb.FINISH_REASON_ERROR
+    _refuses_a_seeded_resume_only(TrtllmLlmApiEngine(ckpt, None, gpu_count=lambda: 8), collector)

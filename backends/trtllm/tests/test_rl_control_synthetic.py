@@ -12,7 +12,7 @@ import time
 
 import grpc
 import pytest
-from test_server import Stream, connect, request
+from test_server import Stream, connect, request, served
 
 from tensorgate.executor.engine import Engine
 from tensorgate.executor.engines import load_engine
@@ -32,17 +32,8 @@ def executor(tmp_path):
         iteration_ms=5, max_batch_size=8, vocab_size=1000, weight_version="base"
     )
     engine = load_engine(EngineConfig("synthetic", settings=settings))
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    thread = threading.Thread(
-        target=loop.run_until_complete, args=(serve(engine, sock, None, stop),), daemon=True
-    )
-    thread.start()
-    channel = connect(sock)
-    yield pb_grpc.ExecutorStub(channel), engine
-    channel.close()
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(timeout=20)
+    with served(engine, sock) as (stub, thread):
+        yield stub, engine
     assert not thread.is_alive()
 
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -40,11 +42,10 @@ def connect(sock: Path, timeout: float = 30) -> grpc.Channel:
     raise AssertionError(f"nothing answers on {sock}")
 
 
-@pytest.fixture
-def executor(tmp_path):
-    """Runs the server in a background event loop; yields the socket, a stub and the engine."""
-    sock = tmp_path / "executor.sock"
-    engine = SyntheticEngine(iteration_ms=5, max_batch_size=8, vocab_size=1000)
+@contextmanager
+def served(engine, sock: Path) -> Iterator[tuple[pb_grpc.ExecutorStub, threading.Thread]]:
+    """`engine` behind the real gRPC server on `sock`, in a background event loop: a stub, and
+    the server's thread (stopped and joined on exit)."""
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     thread = threading.Thread(
@@ -52,10 +53,21 @@ def executor(tmp_path):
     )
     thread.start()
     channel = connect(sock)
-    yield sock, pb_grpc.ExecutorStub(channel), engine
-    channel.close()
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(timeout=20)
+    try:
+        yield pb_grpc.ExecutorStub(channel), thread
+    finally:
+        channel.close()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def executor(tmp_path):
+    """Runs the server in a background event loop; yields the socket, a stub and the engine."""
+    sock = tmp_path / "executor.sock"
+    engine = SyntheticEngine(iteration_ms=5, max_batch_size=8, vocab_size=1000)
+    with served(engine, sock) as (stub, thread):
+        yield sock, stub, engine
     assert not thread.is_alive(), "server did not stop"
     assert not sock.exists(), "the socket is removed at shutdown"
 

@@ -3,11 +3,17 @@
 //! Service returns one per ready pod), new addresses join the pool and vanished ones drain.
 
 use std::collections::HashSet;
-use std::sync::Weak;
 use std::time::Duration;
 
 use crate::executors::endpoint::{ExecutorAddress, Target};
-use crate::executors::pool::ExecutorHandle;
+
+/// What discovery changes: the workers of one `--executor` (the pool implements it).
+pub trait Membership {
+    /// The targets of `source` that are members now (not draining).
+    fn targets_of(&self, source: &ExecutorAddress) -> Vec<Target>;
+    fn join(&self, source: ExecutorAddress, target: Target);
+    fn leave(&self, target: &Target);
+}
 
 /// What changes between the targets in the pool and those the name resolves to now.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,10 +54,11 @@ async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<Target>> {
     Ok(targets)
 }
 
-/// Keeps the pool's workers of `address` equal to what its name resolves to, until the pool
-/// is gone. A failed lookup changes nothing (a DNS outage must not empty the pool).
-pub(crate) async fn follow(
-    pool: Weak<crate::executors::pool::Inner>,
+/// Keeps the workers of `address` equal to what its name resolves to, for as long as `pool`
+/// gives a member set (None: the pool is gone). A failed lookup changes nothing (a DNS outage
+/// must not empty the pool).
+pub(crate) async fn follow<M: Membership>(
+    pool: impl Fn() -> Option<M>,
     address: ExecutorAddress,
     every: Duration,
 ) {
@@ -61,15 +68,15 @@ pub(crate) async fn follow(
     loop {
         match resolve(host, *port).await {
             Ok(resolved) => {
-                let Some(pool) = ExecutorHandle::upgrade(&pool) else {
+                let Some(pool) = pool() else {
                     return;
                 };
                 let change = diff(&pool.targets_of(&address), &resolved);
                 for target in change.join {
-                    pool.add_worker(address.clone(), target);
+                    pool.join(address.clone(), target);
                 }
                 for target in change.leave {
-                    pool.drain_worker(&target);
+                    pool.leave(&target);
                 }
             }
             Err(e) => {

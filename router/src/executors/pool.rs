@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::executors::client::{
     CancelTarget, Connection, ExecutorEvent, Orphan, RequestGuard, Resume, Submission, Submitted,
 };
+use crate::executors::discovery::{self, Membership};
 use crate::executors::endpoint::{Client, Credentials, ExecutorAddress, Target};
 use crate::executors::migration::{self, Unmovable};
 use crate::executors::routing::kv_index::EventOutcome;
@@ -94,9 +95,6 @@ pub struct WorkerStatus {
 struct Health {
     healthy: AtomicBool,
     block_size: AtomicU32,
-    /// Prompt tokens waiting in its engine's queue is not on the contract; its queued
-    /// requests are, as a tie-breaker of load.
-    queued_requests: AtomicU32,
     draining: AtomicBool,
     incompatible: AtomicBool,
 }
@@ -108,7 +106,6 @@ impl Default for Health {
         Self {
             healthy: AtomicBool::new(true),
             block_size: AtomicU32::new(0),
-            queued_requests: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             incompatible: AtomicBool::new(false),
         }
@@ -132,7 +129,7 @@ impl Drop for Worker {
     }
 }
 
-pub(crate) struct Inner {
+struct Inner {
     workers: RwLock<Vec<Arc<Worker>>>,
     policy: Box<dyn RoutingPolicy>,
     index: SharedKvIndex,
@@ -245,8 +242,9 @@ impl ExecutorHandle {
                             },
                         );
                     } else {
-                        tokio::spawn(crate::executors::discovery::follow(
-                            handle.downgrade(),
+                        let weak = handle.downgrade();
+                        tokio::spawn(discovery::follow(
+                            move || ExecutorHandle::upgrade(&weak),
                             address.clone(),
                             config.discovery_interval,
                         ));
@@ -262,7 +260,7 @@ impl ExecutorHandle {
         Arc::downgrade(&self.inner)
     }
 
-    pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Self> {
+    fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Self> {
         weak.upgrade().map(|inner| Self { inner })
     }
 
@@ -669,6 +667,20 @@ impl ExecutorHandle {
     }
 }
 
+impl Membership for ExecutorHandle {
+    fn targets_of(&self, source: &ExecutorAddress) -> Vec<Target> {
+        ExecutorHandle::targets_of(self, source)
+    }
+
+    fn join(&self, source: ExecutorAddress, target: Target) {
+        self.add_worker(source, target);
+    }
+
+    fn leave(&self, target: &Target) {
+        self.drain_worker(target);
+    }
+}
+
 fn routable(w: &Worker) -> bool {
     w.conn.is_connected()
         && w.health.healthy.load(Ordering::Relaxed)
@@ -831,9 +843,6 @@ async fn check(client: &mut Client, name: &str, health: &Health) -> bool {
             health
                 .block_size
                 .store(stats.kv_block_size, Ordering::Relaxed);
-            health
-                .queued_requests
-                .store(stats.queued_requests, Ordering::Relaxed);
             m::set_executor_stats(name, &stats);
             ready
         }
