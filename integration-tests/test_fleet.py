@@ -228,7 +228,8 @@ def test_executors_off_host_are_reached_over_tls_with_the_shared_secret(embedded
         # A wrong secret: the executor refuses every call, and the router refuses to start.
         bad = router({**os.environ, "TENSORGATE_EXECUTOR_SECRET": "wrong"})
         assert bad.router.wait(timeout=60) != 0
-        assert "refused the router's shared secret" in bad.router_log.read_text()
+        refused = bad.router_log.read_text()
+        assert "refused the router's shared secret (TENSORGATE_EXECUTOR_SECRET)" in refused
 
         # No secret or no CA: refused at start, naming what is missing.
         proc, _, log = start_router(embedded_model_dir, [], directory, ["--executor", url_of])
